@@ -1,0 +1,1 @@
+"""Offline, idempotent data preparation: raw videos -> canonical clips -> WebDataset shards."""

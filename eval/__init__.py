@@ -1,0 +1,1 @@
+"""Evaluation: embedding extraction, FAISS retrieval and clustering, metrics, reports, search."""

@@ -1,0 +1,1 @@
+"""vatp launch layer: the `vatp` CLI, experiment recipes and cluster launch scripts."""

@@ -1,0 +1,49 @@
+"""Input contracts: what each encoder expects, declared once so data code reads it instead of repeating it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class VideoInput:
+    """A video tower eats `num_frames` RGB frames of `size` x `size` sampled at `fps`.
+
+    Frames arrive as uint8; the tower scales them to [0, 1] and then applies `(x - mean) / std`
+    (mean 0 / std 1 means "RGB in [0, 1]", as the released S3D-G expects).
+    """
+
+    num_frames: int
+    size: int
+    fps: float
+    mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    std: tuple[float, float, float] = (1.0, 1.0, 1.0)
+
+    @property
+    def seconds(self) -> float:
+        return self.num_frames / self.fps
+
+
+@dataclass(frozen=True)
+class AudioInput:
+    """An audio tower eats a log-mel spectrogram `(1, num_mel_bins, frames)` of `seconds` of mono audio."""
+
+    sample_rate: int
+    num_mel_bins: int
+    seconds: float
+    win_length_ms: float = 25.0
+    hop_length_ms: float = 10.0
+
+    @property
+    def num_frames(self) -> int:
+        """Spectrogram frames for `seconds` of audio (centred STFT: one frame per hop, plus one)."""
+        hop = round(self.sample_rate * self.hop_length_ms / 1000)
+        return round(self.seconds * self.sample_rate) // hop + 1
+
+
+@dataclass(frozen=True)
+class TextInput:
+    """A text tower eats up to `max_tokens` token ids from a vocabulary of `vocab_size` (0 is padding)."""
+
+    max_tokens: int
+    vocab_size: int

@@ -1,0 +1,1 @@
+"""Everything that runs while training: config, data loading, losses, engine, train loop."""

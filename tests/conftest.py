@@ -1,0 +1,56 @@
+"""Shared fixtures: seeding, thread limits, GPU auto-skip, and a tiny synth corpus built into shards once per run."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+
+# Keep every test on a 2-core budget and make FAISS/OpenMP idle politely.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+torch.set_num_threads(2)
+
+TINY_SYNTH = dict(videos=8, seed=0, seconds=4.0, width=96, height=72, fps=20)
+TINY_BUILD = dict(fps=10, short_side=64, max_seconds=30.0, sample_rate=16000, samples_per_shard=2, workers=2)
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything():
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    dtype = torch.get_default_dtype()
+    yield
+    torch.set_default_dtype(dtype)
+
+
+@pytest.fixture(scope="session")
+def synth_corpus(tmp_path_factory):
+    """A raw synth corpus (real mp4 + AAC, caption sidecars, manifest): 8 videos of 4 s."""
+    from data_prep.synth import make_synth_corpus
+
+    out = tmp_path_factory.mktemp("synth")
+    make_synth_corpus(out, **TINY_SYNTH)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(synth_corpus, tmp_path_factory):
+    """The synth corpus built into WebDataset shards (4 shards x 2 samples, 64 px short side, 10 fps)."""
+    from data_prep.build import build_dataset
+
+    out = tmp_path_factory.mktemp("dataset")
+    build_dataset(synth_corpus, out, **TINY_BUILD)
+    return out
