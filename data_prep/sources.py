@@ -6,7 +6,9 @@ Readers (directory scan, CSV/JSONL manifest, public-corpus adapters) turn user i
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -53,3 +55,38 @@ class SourceList:
 
     items: list[SourceItem] = field(default_factory=list)
     failures: list[Failure] = field(default_factory=list)
+
+
+VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".mov", ".avi", ".m4v", ".mpg", ".mpeg", ".flv", ".3gp")
+
+# Public corpora spell their splits differently; readers store and compare the short form.
+_SPLIT_ALIASES = {"training": "train", "validation": "val", "validate": "val", "valid": "val", "testing": "test"}
+
+
+def normalize_split(split: str | None) -> str | None:
+    """`training`/`validation`/`validate`/`testing` -> `train`/`val`/`test`; other names pass through stripped."""
+    if split is None:
+        return None
+    split = str(split).strip()
+    return _SPLIT_ALIASES.get(split.lower(), split) if split else None
+
+
+def scan_videos(root: Path) -> tuple[list[Path], int]:
+    """Video files under `root` (recursive, extension case-insensitive, sorted), and how many hidden ones were skipped.
+
+    Hidden files and folders are skipped: macOS `._clip.mp4` resource forks look like videos but are not.
+    """
+    found, hidden = [], 0
+    for dirpath, dirnames, filenames in os.walk(root):
+        hidden += sum(1 for d in dirnames if d.startswith("."))
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        rel = os.path.relpath(dirpath, root)
+        for name in filenames:
+            if os.path.splitext(name)[1].lower() not in VIDEO_EXTENSIONS:
+                continue
+            if name.startswith("."):
+                hidden += 1
+                continue
+            found.append(name if rel == "." else f"{rel}/{name}")
+    found.sort()  # by relative path: the same order on every filesystem
+    return [root / rel for rel in found], hidden

@@ -1,0 +1,252 @@
+"""Public-corpus annotation files -> `SourceList`: HowTo100M, Kinetics, VGGSound, MSR-VTT, YouCook2.
+
+Each adapter reads the corpus's own annotation file as published and looks the videos up by file
+stem anywhere under a video root (recursive, so `<root>/<split>/<class>/<id>.mp4` layouts work too).
+Every function returns `(sources, left_out)`: the items and failures, and how many rows the `split`
+filter left out. Splits are stored in short form (`train`/`val`/`test`, see `normalize_split`).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+
+from tqdm import tqdm
+
+from data_prep.captions import captions_from_json
+from data_prep.sources import Caption, Failure, SourceItem, SourceList, normalize_split, scan_videos
+
+log = logging.getLogger(__name__)
+
+VGGSOUND_CLIP_SECONDS = 10.0
+
+
+class _Collector:
+    """Video files under a root, by stem, and the `SourceList` being filled from annotation rows.
+
+    When a stem occurs twice under the root, the first path in sorted order wins (logged).
+    """
+
+    def __init__(self, root: Path):
+        if not root.is_dir():
+            raise ValueError(f"video root is not a directory: {root}")
+        self.root, self.sources, self.seen = root, SourceList(), set()
+        self.by_stem: dict[str, Path] = {}
+        paths, _ = scan_videos(root)
+        clashes = 0
+        for path in paths:
+            if path.stem in self.by_stem:
+                clashes += 1
+                continue
+            self.by_stem[path.stem] = Path(os.path.abspath(path))
+        if clashes:
+            log.warning("%s: %d video file(s) share a stem with another one and are ignored", root, clashes)
+
+    def fail(self, source: str, reason: str, detail: str) -> None:
+        self.sources.failures.append(Failure(source, reason, detail))
+
+    def add(
+        self,
+        vid: str,
+        stems: list[str],
+        *,
+        bounds: tuple[float, float] | None = None,
+        captions: list[Caption] | None = None,
+        label: str | None = None,
+        split: str | None = None,
+    ) -> None:
+        """Add an item for the first of `stems` with a video; the last stem is the uncut video, cut to `bounds`."""
+        if not vid:
+            return self.fail(str(self.root), "bad_row", "empty video id")
+        if vid in self.seen:
+            return self.fail(vid, "duplicate_id", f"id {vid!r} appears more than once")
+        self.seen.add(vid)
+        stem = next((s for s in stems if s in self.by_stem), None)
+        if stem is None:
+            tried = ", ".join(f"{s}.*" for s in dict.fromkeys(stems))
+            return self.fail(vid, "missing_file", f"none of {tried} under {self.root}")
+        path = self.by_stem[stem]
+        start, end = bounds if bounds is not None and stem == stems[-1] else (None, None)
+        item = SourceItem(vid, str(path), start, end, tuple(captions or ()), label, split)
+        self.sources.items.append(item)
+
+
+def read_howto100m(annotation: Path, *, videos: Path, split: str | None = None) -> tuple[SourceList, int]:
+    """HowTo100M `caption.json`: {video_id: {"start": [...], "end": [...], "text": [...]}}; no labels, no splits."""
+    _no_split("howto100m", split)
+    data = _load_json(annotation, dict)
+    out, skipped = _Collector(videos), 0
+    for vid, entry in tqdm(data.items(), desc="howto100m", unit="video", leave=False, disable=None):
+        fields = [entry.get(k) if isinstance(entry, dict) else None for k in ("start", "end", "text")]
+        if not all(isinstance(f, list) for f in fields) or len({len(f) for f in fields}) != 1:
+            out.fail(vid, "bad_row", "start/end/text must be lists of the same length")
+            continue
+        parsed = captions_from_json([{"start": s, "end": e, "text": t} for s, e, t in zip(*fields)])
+        skipped += parsed.skipped
+        out.add(vid, [vid], captions=parsed.captions)
+    if skipped:
+        log.warning("%s: skipped %d empty or mistimed caption(s)", annotation, skipped)
+    return out.sources, 0
+
+
+def read_kinetics(annotation: Path, *, videos: Path, split: str | None = None) -> tuple[SourceList, int]:
+    """Kinetics CSV (label,youtube_id,time_start,time_end,split[,is_cc]); clips `<ytid>_<s:06d>_<e:06d>` or `<ytid>`.
+
+    A pre-cut clip is used whole; a full `<ytid>` video is bounded to [time_start, time_end].
+    """
+    out, wanted, left_out = _Collector(videos), normalize_split(split), 0
+    with open(annotation, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        missing = {"youtube_id", "time_start", "time_end"} - set(reader.fieldnames or [])
+        if missing:
+            raise ValueError(f"{annotation}: not a Kinetics CSV, missing column(s) {sorted(missing)}")
+        for row in tqdm(reader, desc="kinetics", unit="clip", leave=False, disable=None):
+            row_split = normalize_split(row.get("split"))
+            if wanted is not None and row_split != wanted:
+                left_out += 1
+                continue
+            ytid = (row["youtube_id"] or "").strip()
+            try:
+                if not ytid:
+                    raise ValueError("empty youtube_id")
+                t0, t1 = float(row["time_start"]), float(row["time_end"])
+            except (TypeError, ValueError):
+                where = f"{annotation.name} line {reader.line_num}"
+                out.fail(ytid or where, "bad_row", f"{where}: bad youtube_id/time_start/time_end")
+                continue
+            clip = f"{ytid}_{int(t0):06d}_{int(t1):06d}"
+            label = (row.get("label") or "").strip() or None
+            out.add(clip, [clip, ytid], bounds=(t0, t1), label=label, split=row_split)
+    return out.sources, left_out
+
+
+def read_vggsound(annotation: Path, *, videos: Path, split: str | None = None) -> tuple[SourceList, int]:
+    """VGGSound CSV, no header: youtube_id,start_seconds,label,split; 10 s clips `<ytid>_<start:06d>` or `<ytid>`."""
+    out, wanted, left_out = _Collector(videos), normalize_split(split), 0
+    with open(annotation, newline="", encoding="utf-8-sig") as f:
+        for line, row in enumerate(tqdm(csv.reader(f), desc="vggsound", unit="clip", leave=False, disable=None), 1):
+            if not row or not any(cell.strip() for cell in row):
+                continue
+            row = [cell.strip() for cell in row] + [""] * (4 - len(row))
+            ytid, start_text, label, row_split = row[:4]
+            try:
+                start = float(start_text)
+            except ValueError:
+                if line == 1:
+                    continue  # a header some re-distributions add
+                out.fail(ytid, "bad_row", f"{annotation.name} line {line}: bad start")
+                continue
+            row_split = normalize_split(row_split)
+            if wanted is not None and row_split != wanted:
+                left_out += 1
+                continue
+            s, e = int(start), int(start + VGGSOUND_CLIP_SECONDS)
+            clip = f"{ytid}_{s:06d}"
+            stems = [clip, f"{clip}_{e:06d}", f"{ytid}_{s}", ytid]
+            bounds = (start, start + VGGSOUND_CLIP_SECONDS)
+            out.add(clip, stems, bounds=bounds, label=label or None, split=row_split)
+    return out.sources, left_out
+
+
+def read_msrvtt(annotation: Path, *, videos: Path, split: str | None = None) -> tuple[SourceList, int]:
+    """MSR-VTT videodatainfo JSON ({"videos": [...], "sentences": [...]}): one item per video, all its captions.
+
+    Captions span the whole clip; the JSON's "start time"/"end time" refer to the YouTube source and are
+    not used, since the distributed `videoN.mp4` files are already cut. The label is the category number.
+    """
+    data = _load_json(annotation, dict)
+    if not isinstance(data.get("videos"), list) or not isinstance(data.get("sentences"), list):
+        raise ValueError(f"{annotation}: not an MSR-VTT file (expected 'videos' and 'sentences' lists)")
+    texts: dict[str, list[str]] = defaultdict(list)
+    for sentence in data["sentences"]:
+        if isinstance(sentence, dict) and isinstance(sentence.get("caption"), str):
+            texts[str(sentence.get("video_id"))].append(sentence["caption"])
+    out, wanted, left_out = _Collector(videos), normalize_split(split), 0
+    for video in tqdm(data["videos"], desc="msrvtt", unit="video", leave=False, disable=None):
+        if not isinstance(video, dict):
+            out.fail(str(annotation), "bad_row", f"a 'videos' entry is not an object: {video!r:.80}")
+            continue
+        vid, row_split = str(video.get("video_id", "")), normalize_split(video.get("split"))
+        if wanted is not None and row_split != wanted:
+            left_out += 1
+            continue
+        captions = captions_from_json([{"text": t} for t in texts.get(vid, [])]).captions
+        category = video.get("category")
+        label = None if category is None else str(category)
+        out.add(vid, [vid], captions=captions, label=label, split=row_split)
+    orphans = len(set(texts) - {str(v.get("video_id")) for v in data["videos"] if isinstance(v, dict)})
+    if orphans:
+        log.warning("%s: sentences for %d video id(s) not in 'videos' are ignored", annotation, orphans)
+    return out.sources, left_out
+
+
+def read_youcook2(annotation: Path, *, videos: Path, split: str | None = None) -> tuple[SourceList, int]:
+    """YouCook2 `youcookii_annotations_*.json`: {"database": {vid: {subset, recipe_type, annotations}}}.
+
+    One item per video; each annotation's `segment` [start, end] and `sentence` is a timed caption
+    (the test file has segments without sentences: those give no captions). Label = recipe_type.
+    """
+    data = _load_json(annotation, dict)
+    if not isinstance(data.get("database"), dict):
+        raise ValueError(f"{annotation}: not a YouCook2 file (expected a 'database' mapping)")
+    out, wanted, left_out = _Collector(videos), normalize_split(split), 0
+    untexted = 0
+    for vid, entry in tqdm(data["database"].items(), desc="youcook2", unit="video", leave=False, disable=None):
+        if not isinstance(entry, dict):
+            out.fail(vid, "bad_row", "database entry is not an object")
+            continue
+        row_split = normalize_split(entry.get("subset"))
+        if wanted is not None and row_split != wanted:
+            left_out += 1
+            continue
+        timed = []
+        for ann in entry.get("annotations") or []:
+            segment = ann.get("segment") if isinstance(ann, dict) else None
+            if isinstance(segment, list) and len(segment) == 2 and isinstance(ann.get("sentence"), str):
+                timed.append({"start": segment[0], "end": segment[1], "text": ann["sentence"]})
+            else:
+                untexted += 1
+        captions = captions_from_json(timed).captions
+        recipe = entry.get("recipe_type")
+        label = None if recipe is None else str(recipe)
+        out.add(vid, [vid], captions=captions, label=label, split=row_split)
+    if untexted:
+        log.info("%s: %d segment(s) without a sentence give no caption", annotation, untexted)
+    return out.sources, left_out
+
+
+ADAPTERS: dict[str, Callable[..., tuple[SourceList, int]]] = {
+    "howto100m": read_howto100m,
+    "kinetics": read_kinetics,
+    "vggsound": read_vggsound,
+    "msrvtt": read_msrvtt,
+    "youcook2": read_youcook2,
+}
+
+
+def guess_format(columns: list[str]) -> str | None:
+    """The corpus a CSV header/JSONL key set most likely comes from (for error hints), or None."""
+    if {"youtube_id", "time_start", "time_end"} <= set(columns):
+        return "kinetics"
+    return None
+
+
+def _no_split(fmt: str, split: str | None) -> None:
+    if split is not None:
+        raise ValueError(f"split={split!r}: {fmt} has no splits in its annotation file")
+
+
+def _load_json(path: Path, kind: type) -> dict:
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON: {e}") from e
+    if not isinstance(data, kind):
+        raise ValueError(f"{path}: expected a JSON {kind.__name__} at the top level, got {type(data).__name__}")
+    return data
