@@ -1,0 +1,228 @@
+"""`vatp data inspect`: check a built dataset against the on-disk format (schema, integrity, decodability)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import soundfile
+from tqdm import tqdm
+
+from data_prep.build import FORMAT_NAME, FORMAT_VERSION
+
+SAMPLE_FIELDS = {
+    "id": str,
+    "idx": int,
+    "source": str,
+    "start": (int, float),
+    "duration": (int, float),
+    "fps": (int, float),
+    "num_frames": int,
+    "width": int,
+    "height": int,
+    "has_audio": bool,
+    "sample_rate": (int, type(None)),
+    "captions": list,
+    "label": (str, type(None)),
+    "split": (str, type(None)),
+}
+AUDIO_EXTENSIONS = ("flac", "wav")
+FRAME_TOLERANCE = 1  # decoded frames may differ from num_frames by this much
+AUDIO_TOLERANCE_S = 0.1  # audio length vs duration (+ 1.5 video frames: the video ends on a frame boundary)
+
+
+@dataclass
+class InspectReport:
+    """The result of `inspect_dataset`: counts, and every problem found (empty when the dataset is valid)."""
+
+    path: str
+    shards: int = 0
+    samples: int = 0
+    seconds: float = 0.0
+    with_audio: int = 0
+    captions: int = 0
+    decoded: int = 0
+    failures: int = 0
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def format(self, max_errors: int = 20) -> str:
+        """The one-screen summary the CLI prints."""
+        lines = [
+            f"dataset      {self.path}",
+            f"status       {'OK' if self.ok else f'INVALID ({len(self.errors)} problems)'}",
+            f"shards       {self.shards}",
+            f"samples      {self.samples} ({self.with_audio} with audio), {self.seconds / 3600:.3f} h",
+            f"captions     {self.captions}",
+            f"decoded      {self.decoded} samples checked with decord",
+            f"failures     {self.failures} inputs skipped at build time (failures.jsonl)",
+        ]
+        lines += [f"  error: {e}" for e in self.errors[:max_errors]]
+        if len(self.errors) > max_errors:
+            lines.append(f"  ... and {len(self.errors) - max_errors} more")
+        return "\n".join(lines)
+
+
+def inspect_dataset(dir: str | os.PathLike, *, decode: int = 8) -> InspectReport:
+    """Validate the dataset at `dir`; decode the first `decode` samples' video and audio. Never raises on bad data."""
+    root = Path(dir)
+    report = InspectReport(str(root))
+    meta = _read_dataset_json(root, report)
+    if meta is None:
+        return report
+    report.failures = _count_lines(root / "failures.jsonl")
+    keys: set[str] = set()
+    to_decode = decode
+    for entry in tqdm(meta["shards"], desc="inspect", unit="shard", leave=False):
+        samples = _read_shard(root / "shards" / entry["name"], report)
+        if samples is None:
+            continue
+        report.shards += 1
+        if len(samples) != entry["samples"]:
+            report.errors.append(f"{entry['name']}: {len(samples)} samples, dataset.json says {entry['samples']}")
+        for key, files in samples.items():
+            where = f"{entry['name']}:{key}"
+            if key in keys:
+                report.errors.append(f"{where}: key appears in more than one shard")
+            keys.add(key)
+            sample = _check_sample(where, key, files, report, meta)
+            if sample is not None and to_decode > 0:
+                _decode_sample(where, files, sample, report)
+                to_decode -= 1
+    if not meta["shards"]:
+        report.errors.append("dataset.json lists no shards (every input failed? see failures.jsonl)")
+    if report.samples != meta["samples"]:
+        report.errors.append(f"{report.samples} samples in shards, dataset.json says {meta['samples']}")
+    return report
+
+
+def _read_dataset_json(root: Path, report: InspectReport) -> dict | None:
+    path = root / "dataset.json"
+    if not path.is_file():
+        report.errors.append(f"{path} not found (not a dataset, or the build has not finished every part)")
+        return None
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        report.errors.append(f"dataset.json is not valid JSON: {e}")
+        return None
+    if meta.get("format") != FORMAT_NAME or meta.get("version") != FORMAT_VERSION:
+        found = (meta.get("format"), meta.get("version"))
+        report.errors.append(f"dataset.json: format/version {found}, expected {(FORMAT_NAME, FORMAT_VERSION)}")
+        return None
+    missing = [k for k in ("shards", "samples", "seconds", "video", "audio", "prep") if k not in meta]
+    if missing:
+        report.errors.append(f"dataset.json lacks {missing}")
+        return None
+    return meta
+
+
+def _count_lines(path: Path) -> int:
+    if not path.exists():
+        return 0
+    with open(path, encoding="utf-8") as f:
+        return sum(1 for line in f if line.strip())
+
+
+def _read_shard(path: Path, report: InspectReport) -> dict[str, dict[str, bytes]] | None:
+    """{key: {extension: bytes}} of one tar, or None (with an error) when it is missing or unreadable."""
+    if not path.is_file():
+        report.errors.append(f"{path.name}: listed in dataset.json but missing")
+        return None
+    samples: dict[str, dict[str, bytes]] = {}
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            for member in tar:
+                if not member.isfile():
+                    report.errors.append(f"{path.name}: non-file member {member.name!r}")
+                    continue
+                key, _, ext = member.name.partition(".")
+                samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
+    except (tarfile.TarError, OSError) as e:
+        report.errors.append(f"{path.name}: unreadable tar ({e})")
+        return None
+    return samples
+
+
+def _check_sample(where: str, key: str, files: dict[str, bytes], report, meta: dict) -> dict | None:
+    if "mp4" not in files or "json" not in files:
+        report.errors.append(f"{where}: needs .mp4 and .json, has {sorted(files)}")
+        return None
+    try:
+        sample = json.loads(files["json"])
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        report.errors.append(f"{where}.json: invalid JSON ({e})")
+        return None
+    problems = [f"{k} missing" for k in SAMPLE_FIELDS if k not in sample]
+    problems += [
+        f"{k}={sample[k]!r} has the wrong type"
+        for k, t in SAMPLE_FIELDS.items()
+        if k in sample and (not isinstance(sample[k], t) or (t is int and isinstance(sample[k], bool)))
+    ]
+    if not problems:
+        problems += _semantic_problems(key, files, sample, meta)
+    if problems:
+        report.errors.append(f"{where}: " + "; ".join(problems))
+        return None
+    report.samples += 1
+    report.seconds += sample["duration"]
+    report.with_audio += sample["has_audio"]
+    report.captions += len(sample["captions"])
+    return sample
+
+
+def _semantic_problems(key: str, files: dict[str, bytes], sample: dict, meta: dict) -> list[str]:
+    problems = []
+    if key != f"{sample['idx']:09d}":
+        problems.append(f"key {key} does not match idx {sample['idx']}")
+    audio = [ext for ext in AUDIO_EXTENSIONS if ext in files]
+    if sample["has_audio"] and not audio:
+        problems.append("has_audio is true but there is no audio member")
+    if not sample["has_audio"] and audio:
+        problems.append(f"has_audio is false but there is a .{audio[0]} member")
+    if sample["has_audio"] and sample["sample_rate"] != meta["audio"]["sample_rate"]:
+        problems.append(f"sample_rate {sample['sample_rate']} != dataset {meta['audio']['sample_rate']}")
+    if sample["num_frames"] < 1 or sample["width"] < 2 or sample["height"] < 2:
+        problems.append(f"empty video ({sample['num_frames']} frames, {sample['width']}x{sample['height']})")
+    for c in sample["captions"]:
+        if not (isinstance(c, dict) and isinstance(c.get("text"), str) and 0 <= c.get("start", -1) <= c.get("end", -1)):
+            problems.append(f"bad caption {c!r}")
+        elif c["end"] > sample["duration"] + 1e-3:
+            problems.append(f"caption ends at {c['end']} s, after the chunk ({sample['duration']} s)")
+    return problems
+
+
+def _decode_sample(where: str, files: dict[str, bytes], sample: dict, report: InspectReport) -> None:
+    import decord
+
+    try:
+        reader = decord.VideoReader(io.BytesIO(files["mp4"]), num_threads=1)
+        n = len(reader)
+        height, width = reader[n - 1].shape[:2]  # the last frame: proves the stream decodes to the end
+    except Exception as e:  # decord raises its own untyped errors on broken streams
+        report.errors.append(f"{where}.mp4: decord cannot decode it ({e})")
+        return
+    if abs(n - sample["num_frames"]) > FRAME_TOLERANCE:
+        report.errors.append(f"{where}.mp4: {n} frames, json says {sample['num_frames']}")
+    if (width, height) != (sample["width"], sample["height"]):
+        report.errors.append(f"{where}.mp4: {width}x{height}, json says {sample['width']}x{sample['height']}")
+    for ext in AUDIO_EXTENSIONS:
+        if ext in files:
+            try:
+                audio, rate = soundfile.read(io.BytesIO(files[ext]), dtype="int16")
+            except (soundfile.LibsndfileError, RuntimeError) as e:
+                report.errors.append(f"{where}.{ext}: cannot decode ({e})")
+                return
+            seconds = len(audio) / rate
+            if audio.ndim != 1 or rate != sample["sample_rate"]:
+                report.errors.append(f"{where}.{ext}: shape {audio.shape} at {rate} Hz, expected mono")
+            elif abs(seconds - sample["duration"]) > AUDIO_TOLERANCE_S + 1.5 / sample["fps"]:
+                report.errors.append(f"{where}.{ext}: {seconds:.3f} s of audio for {sample['duration']:.3f} s of video")
+    report.decoded += 1
