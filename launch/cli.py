@@ -24,9 +24,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _command_name(parser: argparse.ArgumentParser, argv: list[str]) -> str:
+    """The subcommand path the user typed, e.g. "data inspect", for error messages."""
+    names = []
+    for token in argv:
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if not subs or token not in subs[0].choices:
+            if token.startswith("-"):
+                continue
+            break
+        names.append(token)
+        parser = subs[0].choices[token]
+    return " ".join(names)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
+    command = _command_name(parser, argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -35,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except ValueError as e:  # user errors (bad config, bad paths, bad values) end with one clear line
-        print(f"vatp {args.command}: error: {e}", file=sys.stderr)
+        print(f"vatp {command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
