@@ -1,0 +1,588 @@
+"""Streaming loaders: WebDataset shards -> checked samples -> views -> batches, as a visible list of stages.
+
+`make_train_loader(cfg, rank=, world_size=, seed=)` and `make_eval_loader(cfg, rank=, world_size=)` return a
+`Loader`: iterable over batch dicts (DESIGN.md "Batches"), with `num_batches`, `skipped`, `set_epoch`,
+`state_dict` / `load_state_dict`. Two modes:
+- resampled (training default): each (rank, worker) draws shards with replacement, weighted by dataset, from
+  an RNG seeded by (seed, epoch, resume point, rank, worker), and yields a fixed number of full batches, so
+  every rank takes the same number of steps;
+- exact: the shard list is split by rank then by worker, every sample is read once, the last batch of a
+  worker may be partial (embedding extraction, tests).
+Only `.mp4`, `.flac`, `.wav` and `.json` members are ever read from a tar; nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import math
+import os
+import tarfile
+from dataclasses import dataclass, field
+from itertools import islice
+from typing import Literal
+
+import braceexpand
+import numpy as np
+import torch
+import webdataset as wds
+
+from models.contracts import AudioInput, TextInput, VideoInput
+from pipeline.views import VIEWS, CheckSample, SampleRejected, sample_views
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DatasetSource:
+    """A dataset dir (with dataset.json) or a brace-expanded shard spec; `weight` None = by sample count."""
+
+    path: str
+    weight: float | None = None
+
+
+@dataclass
+class AudioConfig:
+    enabled: bool = True
+    sample_rate: int | None = None  # None: from the model's AudioInput
+    num_mel_bins: int | None = None
+    seconds: float | None = None
+    win_ms: float | None = None
+    hop_ms: float | None = None
+
+
+@dataclass
+class TextConfig:
+    enabled: bool = True
+    num_captions: int = 4  # K candidate captions per clip
+    max_tokens: int | None = None  # None: from the model's TextInput
+    tokenizer: str | None = None  # None: <first dataset>/tokenizer.model
+
+
+@dataclass
+class AugmentConfig:
+    enabled: bool = True  # False: centre crop, no flip/jitter/SpecAugment/volume (training views only)
+    crop_scale: tuple[float, float] = (0.5, 1.0)
+    flip: bool = True
+    color_jitter: float = 0.4
+    spec_augment: bool = True
+    volume_jitter: float = 0.1
+
+
+@dataclass
+class DataConfig:
+    datasets: list[DatasetSource] = field(default_factory=list)
+    views: Literal["milnce", "gdt", "selflabel", "eval"] = "milnce"
+    mode: Literal["resampled", "exact"] = "resampled"
+    batch_size: int = 8  # per rank
+    num_workers: int = 2
+    epoch_samples: int | None = None  # None: the datasets' sample count (dataset.json)
+    shuffle_buffer: int = 256
+    decoder: Literal["decord", "pyav"] = "decord"
+    num_frames: int | None = None  # None: from the model's VideoInput
+    size: int | None = None
+    fps: float | None = None
+    audio: AudioConfig = field(default_factory=AudioConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    gdt_shift_seconds: float = 0.5  # minimum start gap of GDT's shifted view
+    eval_windows: int = 1  # eval views: N uniformly spaced windows; 0 = num_frames over the whole clip
+    require_audio: bool = False  # drop (and count) samples without audio instead of zero-filling
+    labels: list[str] | None = None  # None: scan the shards' json members for label strings
+    with_meta: bool = False  # eval views: add `meta` (list of dicts: idx, id, label, captions)
+    max_consecutive_rejects: int = 200  # fail loudly when a stream rejects this many samples in a row
+    worker_start: Literal["fork", "forkserver", "spawn"] = "fork"
+    worker_timeout_s: float = 600.0
+
+    def __post_init__(self):
+        if self.views not in VIEWS:
+            raise ValueError(f"views={self.views!r} is not one of {VIEWS}")
+        if self.batch_size < 1 or self.num_workers < 0 or self.shuffle_buffer < 0:
+            raise ValueError(
+                f"batch_size={self.batch_size}, num_workers={self.num_workers}, shuffle_buffer="
+                f"{self.shuffle_buffer}: need batch_size >= 1 and the others >= 0"
+            )
+        lo, hi = self.augment.crop_scale
+        if not 0 < lo <= hi <= 1:
+            raise ValueError(f"augment.crop_scale={self.augment.crop_scale} must satisfy 0 < lo <= hi <= 1")
+        if self.views == "milnce" and not self.text.enabled:
+            raise ValueError("views='milnce' needs text.enabled=true (MIL-NCE pairs clips with captions)")
+        if self.eval_windows < 0 or self.text.num_captions < 1 or self.max_consecutive_rejects < 1:
+            raise ValueError(
+                f"eval_windows={self.eval_windows}, text.num_captions={self.text.num_captions}, "
+                f"max_consecutive_rejects={self.max_consecutive_rejects} out of range"
+            )
+
+
+def resolve_inputs(
+    data_cfg: DataConfig, *, video: VideoInput | None, audio: AudioInput | None, text: TextInput | None
+) -> DataConfig:
+    """Fill every None clip/audio/text setting from the model's input contracts (explicit values win)."""
+    cfg = data_cfg
+    if video is not None:
+        cfg = dataclasses.replace(
+            cfg,
+            num_frames=cfg.num_frames or video.num_frames,
+            size=cfg.size or video.size,
+            fps=cfg.fps or video.fps,
+        )
+    if audio is not None:
+        a = cfg.audio
+        cfg = dataclasses.replace(
+            cfg,
+            audio=dataclasses.replace(
+                a,
+                sample_rate=a.sample_rate or audio.sample_rate,
+                num_mel_bins=a.num_mel_bins or audio.num_mel_bins,
+                seconds=a.seconds or audio.seconds,
+                win_ms=a.win_ms or audio.win_length_ms,
+                hop_ms=a.hop_ms or audio.hop_length_ms,
+            ),
+        )
+    if text is not None:
+        cfg = dataclasses.replace(
+            cfg, text=dataclasses.replace(cfg.text, max_tokens=cfg.text.max_tokens or text.max_tokens)
+        )
+    return cfg
+
+
+@dataclass(frozen=True)
+class Shard:
+    url: str
+    samples: int | None
+    dataset: int
+
+
+def make_train_loader(data_cfg: DataConfig, *, rank: int, world_size: int, seed: int) -> Loader:
+    """The training loader of this rank (mode and views from `data_cfg`)."""
+    return _make_loader(data_cfg, rank=rank, world_size=world_size, seed=seed, train=True)
+
+
+def make_eval_loader(data_cfg: DataConfig, *, rank: int = 0, world_size: int = 1) -> Loader:
+    """A deterministic exact-epoch loader with eval views (N windows, centre crop, all captions)."""
+    cfg = dataclasses.replace(data_cfg, views="eval", mode="exact", shuffle_buffer=0)
+    return _make_loader(cfg, rank=rank, world_size=world_size, seed=0, train=False)
+
+
+def _make_loader(cfg: DataConfig, *, rank: int, world_size: int, seed: int, train: bool) -> Loader:
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank={rank} is not in [0, world_size={world_size})")
+    _check_resolved(cfg)
+    shards = resolve_shards(cfg.datasets)
+    labels = cfg.labels if cfg.labels is not None else scan_labels([s.url for s in shards])
+    workers = max(cfg.num_workers, 1)
+    if cfg.mode == "exact" and len(shards) < world_size * workers:
+        raise ValueError(
+            f"exact mode needs at least ranks x workers = {world_size} x {workers} shards, found {len(shards)}: "
+            f"lower data.num_workers or write smaller shards"
+        )
+    state = EpochState(seed=seed, rank=rank, world_size=world_size)
+    skips = SkipCounter(cfg.max_consecutive_rejects)
+    resampled = cfg.mode == "resampled"
+    stages = [
+        ResampledShards([s.url for s in shards], shard_weights(cfg.datasets, shards), state)
+        if resampled
+        else ExactShards([s.url for s in shards], state, shuffle=train),
+        None if resampled else SplitByRank(state),
+        None if resampled else split_by_worker,
+        wds.tarfile_to_samples(handler=skips.handler("bad_shard"), select_files=wanted_member),
+        ShuffleSamples(cfg.shuffle_buffer, state) if cfg.shuffle_buffer > 1 else None,
+        wds.map(CheckSample(cfg, {name: i for i, name in enumerate(labels)}), handler=skips.reject),
+        MakeViews(cfg, state, skips, _tokenizer_path(cfg)),
+        BatchSamples(cfg.batch_size, state, skips, full_batches_only=resampled),
+    ]
+    num_batches = _num_batches(cfg, shards, rank, world_size)
+    state.num_batches = num_batches
+    log.info(
+        "loader rank %d/%d: %d shards, %d labels, %s mode, %d batches/epoch of %d",
+        rank,
+        world_size,
+        len(shards),
+        len(labels),
+        cfg.mode,
+        num_batches,
+        cfg.batch_size,
+    )
+    return Loader(wds.DataPipeline(*stages), cfg, state, num_batches)
+
+
+class Loader:
+    """Iterable over batches of one rank; restartable through `state_dict()` / `load_state_dict()`.
+
+    Iterating runs the rest of the current epoch, then advances `epoch`. Skipped samples travel from the
+    workers inside batches (`_skipped`, a dict of deltas, removed before the batch is yielded) and add up
+    in `skipped`.
+    """
+
+    def __init__(self, dataset: wds.DataPipeline, cfg: DataConfig, state: EpochState, num_batches: int):
+        self.dataset, self.cfg, self.state, self.num_batches = dataset, cfg, state, num_batches
+        self.skipped: dict[str, int] = {}
+        self.samples_seen = 0
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    @property
+    def epoch(self) -> int:
+        return self.state.epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start epoch `epoch` at its beginning (a no-op when it is already the current epoch)."""
+        if epoch != self.state.epoch:
+            self.state.epoch, self.state.batches_seen = epoch, 0
+
+    def state_dict(self) -> dict:
+        s = self.state
+        return {"epoch": s.epoch, "batches_seen": s.batches_seen, "samples_seen": self.samples_seen, "seed": s.seed}
+
+    def load_state_dict(self, sd: dict) -> None:
+        if sd["seed"] != self.state.seed:
+            log.warning(
+                "loader state was saved with seed %d, this run has %d: using %d",
+                sd["seed"],
+                self.state.seed,
+                sd["seed"],
+            )
+        self.state.seed, self.state.epoch, self.state.batches_seen = sd["seed"], sd["epoch"], sd["batches_seen"]
+        self.samples_seen = sd["samples_seen"]
+
+    def __iter__(self):
+        s = self.state
+        if s.batches_seen and self.cfg.mode == "exact":
+            log.warning("exact mode cannot resume inside an epoch: epoch %d restarts from its start", s.epoch)
+            s.batches_seen = 0
+        s.resume_at = s.batches_seen
+        loader = torch.utils.data.DataLoader(
+            self.dataset,
+            batch_size=None,
+            num_workers=self.cfg.num_workers,
+            multiprocessing_context=self.cfg.worker_start if self.cfg.num_workers else None,
+            timeout=self.cfg.worker_timeout_s if self.cfg.num_workers else 0,
+        )
+        for batch in loader:
+            for reason, n in batch.pop("_skipped", {}).items():
+                self.skipped[reason] = self.skipped.get(reason, 0) + int(n)
+            if not batch:
+                continue
+            s.batches_seen += 1
+            self.samples_seen += len(batch["idx"])
+            yield batch
+        if self.skipped:
+            log.info("epoch %d: skipped samples by reason: %s", s.epoch, self.skipped)
+        s.epoch, s.batches_seen = s.epoch + 1, 0
+
+
+def resolve_shards(datasets: list[DatasetSource]) -> list[Shard]:
+    """Shard URLs and sample counts of every source (counts from dataset.json when there is one)."""
+    if not datasets:
+        raise ValueError("data.datasets is empty: name at least one dataset dir or shard spec")
+    shards = []
+    for i, src in enumerate(datasets):
+        if src.weight is not None and src.weight <= 0:
+            raise ValueError(f"data.datasets[{i}].weight={src.weight} must be > 0")
+        path = os.path.expanduser(src.path)
+        if os.path.isdir(path):
+            meta = read_dataset_json(path)
+            found = [Shard(os.path.join(path, "shards", s["name"]), int(s["samples"]), i) for s in meta["shards"]]
+        else:
+            urls = list(braceexpand.braceexpand(path))
+            sizes = _sizes_near(urls[0])
+            found = [Shard(u, sizes.get(os.path.basename(u)), i) for u in urls]
+        if not found:
+            raise ValueError(f"data.datasets[{i}].path={src.path!r} names no shards")
+        shards += found
+    return shards
+
+
+def read_dataset_json(path: str) -> dict:
+    """`<path>/dataset.json`, checked to be a vatp-shards format 1 description."""
+    file = os.path.join(path, "dataset.json")
+    if not os.path.isfile(file):
+        raise ValueError(f"{path!r} is a directory without dataset.json (build it with `vatp data build`)")
+    with open(file, encoding="utf-8") as f:
+        meta = json.load(f)
+    if meta.get("format") != "vatp-shards" or meta.get("version") != 1:
+        raise ValueError(f"{file}: format {meta.get('format')!r} version {meta.get('version')!r} is not vatp-shards 1")
+    return meta
+
+
+def shard_weights(datasets: list[DatasetSource], shards: list[Shard]) -> np.ndarray:
+    """Per-shard draw probabilities: a dataset's share is its weight (or its sample count), spread by shard size."""
+    counts = np.array([s.samples if s.samples is not None else 1 for s in shards], dtype=np.float64)
+    weights = counts.copy()
+    for i, src in enumerate(datasets):
+        mine = np.array([s.dataset == i for s in shards])
+        if src.weight is not None:
+            weights[mine] = src.weight * counts[mine] / counts[mine].sum()
+    if any(src.weight is not None for src in datasets) and any(src.weight is None for src in datasets):
+        raise ValueError("data.datasets: give a weight to every dataset or to none (None means by sample count)")
+    return weights / weights.sum()
+
+
+def scan_labels(urls: list[str]) -> list[str]:
+    """Sorted label strings of all samples, reading only the json members of local shards."""
+    labels: set[str] = set()
+    for url in urls:
+        if not os.path.isfile(url):
+            log.warning("cannot scan %s for labels (not a local file): set data.labels to map labels to ints", url)
+            return []
+        try:
+            with tarfile.open(url, "r:") as tf:
+                for member in tf:
+                    if member.isfile() and member.name.endswith(".json"):
+                        label = json.loads(tf.extractfile(member).read()).get("label")
+                        if isinstance(label, str):
+                            labels.add(label)
+        except (tarfile.TarError, OSError, ValueError, AttributeError) as e:
+            log.warning("label scan: %s: %s (its samples are counted when the loader reads them)", url, e)
+    return sorted(labels)
+
+
+def _sizes_near(url: str) -> dict[str, int]:
+    """Shard sizes from the dataset.json one level above a `shards/` folder, when there is one."""
+    root = os.path.dirname(os.path.dirname(url))
+    if not os.path.isfile(os.path.join(root, "dataset.json")):
+        return {}
+    return {s["name"]: int(s["samples"]) for s in read_dataset_json(root)["shards"]}
+
+
+def _num_batches(cfg: DataConfig, shards: list[Shard], rank: int, world_size: int) -> int:
+    workers = max(cfg.num_workers, 1)
+    sizes = [s.samples for s in shards]
+    if cfg.mode == "exact" and None not in sizes and cfg.epoch_samples is None:
+        mine = sizes[rank::world_size]
+        return sum(math.ceil(sum(mine[w::workers]) / cfg.batch_size) for w in range(workers))
+    epoch = cfg.epoch_samples if cfg.epoch_samples is not None else (sum(sizes) if None not in sizes else None)
+    if epoch is None:
+        raise ValueError("some shards have no sample count (no dataset.json next to them): set data.epoch_samples")
+    per_rank = math.ceil(epoch / (cfg.batch_size * world_size))
+    return math.ceil(per_rank / workers) * workers
+
+
+def _check_resolved(cfg: DataConfig) -> None:
+    unset = [n for n in ("num_frames", "size", "fps") if getattr(cfg, n) is None]
+    if cfg.audio.enabled:
+        unset += [f"audio.{f.name}" for f in dataclasses.fields(cfg.audio) if getattr(cfg.audio, f.name) is None]
+    if cfg.text.enabled and cfg.text.max_tokens is None:
+        unset.append("text.max_tokens")
+    if unset:
+        raise ValueError(
+            f"data settings {unset} are unset: give them or call resolve_inputs() with the model contracts"
+        )
+
+
+def _tokenizer_path(cfg: DataConfig) -> str | None:
+    if not cfg.text.enabled:
+        return None
+    path = cfg.text.tokenizer
+    if path is None:
+        first = os.path.expanduser(cfg.datasets[0].path)
+        if not os.path.isdir(first):
+            raise ValueError("data.text.tokenizer is unset and the first dataset is a shard spec: give its path")
+        path = os.path.join(first, "tokenizer.model")
+    if not os.path.isfile(path):
+        raise ValueError(
+            f"tokenizer {path!r} not found (build it with `vatp data tokenizer` or set data.text.tokenizer)"
+        )
+    return path
+
+
+# ---- Stages. Module-level classes so the pipeline pickles under any worker start method. ----
+
+MEMBERS = ("mp4", "flac", "wav", "json")
+
+
+@dataclass
+class EpochState:
+    """What the stages need to seed themselves; copied into the workers each time the loader is iterated."""
+
+    seed: int
+    rank: int
+    world_size: int
+    epoch: int = 0
+    batches_seen: int = 0  # batches of this epoch handed to the consumer
+    resume_at: int = 0  # batches_seen when the current iteration started (seeds a resumed stream)
+    num_batches: int = 0
+
+
+def _worker_info() -> tuple[int, int]:
+    info = torch.utils.data.get_worker_info()
+    return (info.id, info.num_workers) if info is not None else (0, 1)
+
+
+def _rng(state: EpochState, *extra: int) -> np.random.Generator:
+    worker, _ = _worker_info()
+    return np.random.default_rng([state.seed, state.epoch, state.resume_at, state.rank, worker, *extra])
+
+
+def wanted_member(fname: str) -> bool:
+    """Tar members the loader reads: the explicit extension list; anything else (.pyd, .pth, ...) stays unread."""
+    base = fname.rsplit("/", 1)[-1]
+    return "." in base and base.split(".", 1)[1].lower() in MEMBERS
+
+
+class ResampledShards:
+    """An endless stream of shard URLs drawn with replacement (probabilities `probs`), per (rank, worker)."""
+
+    def __init__(self, urls: list[str], probs: np.ndarray, state: EpochState):
+        self.urls, self.probs, self.state = urls, probs, state
+
+    def __call__(self):
+        rng = _rng(self.state)
+        while True:
+            yield {"url": self.urls[rng.choice(len(self.urls), p=self.probs)]}
+
+
+class ExactShards:
+    """Every shard once; the order is shuffled per epoch identically on all ranks (before the split)."""
+
+    def __init__(self, urls: list[str], state: EpochState, shuffle: bool):
+        self.urls, self.state, self.shuffle = urls, state, shuffle
+
+    def __call__(self):
+        order = range(len(self.urls))
+        if self.shuffle:
+            order = np.random.default_rng([self.state.seed, self.state.epoch]).permutation(len(self.urls))
+        for i in order:
+            yield {"url": self.urls[i]}
+
+
+class SplitByRank:
+    """Keep every world_size-th shard starting at this rank (explicit rank, not env or torch.distributed)."""
+
+    def __init__(self, state: EpochState):
+        self.state = state
+
+    def __call__(self, src):
+        yield from islice(src, self.state.rank, None, self.state.world_size)
+
+
+def split_by_worker(src):
+    """Keep every num_workers-th shard starting at this DataLoader worker."""
+    worker, num_workers = _worker_info()
+    yield from islice(src, worker, None, num_workers)
+
+
+class ShuffleSamples:
+    """A seeded reservoir shuffle of `bufsize` samples (webdataset's default RNG is seeded from the pid)."""
+
+    def __init__(self, bufsize: int, state: EpochState):
+        self.bufsize, self.state = bufsize, state
+
+    def __call__(self, src):
+        rng = _rng(self.state, 1)
+        buf = []
+        for sample in src:
+            if len(buf) < self.bufsize:
+                buf.append(sample)
+                continue
+            i = int(rng.integers(len(buf)))
+            buf[i], sample = sample, buf[i]
+            yield sample
+        for i in rng.permutation(len(buf)):
+            yield buf[i]
+
+
+class SkipCounter:
+    """Counts rejected samples by reason (never sleeps) and fails after too many rejects in a row.
+
+    Counts since the last batch are handed to `BatchSamples` (`take()`) and travel with the batch.
+    """
+
+    def __init__(self, max_consecutive: int):
+        self.max_consecutive = max_consecutive
+        self.pending: dict[str, int] = {}
+        self.total: dict[str, int] = {}
+        self.consecutive = 0
+
+    def handler(self, reason: str):
+        return functools.partial(self.count, reason)
+
+    def reject(self, exn: Exception) -> bool:
+        reason = exn.reason if isinstance(exn, SampleRejected) else f"error:{type(exn).__name__}"
+        return self.count(reason, exn)
+
+    def count(self, reason: str, exn: Exception) -> bool:
+        self.pending[reason] = self.pending.get(reason, 0) + 1
+        self.total[reason] = self.total.get(reason, 0) + 1
+        self.consecutive += 1
+        if self.total[reason] == 1 or self.total[reason] % 1000 == 0:
+            log.warning("skipped a sample (%s, %d so far): %s", reason, self.total[reason], exn)
+        if self.consecutive >= self.max_consecutive:
+            raise RuntimeError(
+                f"{self.consecutive} samples in a row were rejected (last: {reason}: {exn}); skipped so far: "
+                f"{self.total}. Check the shards and the data settings (require_audio, views, decoder)."
+            )
+        return True
+
+    def accept(self) -> None:
+        self.consecutive = 0
+
+    def take(self) -> dict[str, int]:
+        out, self.pending = self.pending, {}
+        return out
+
+
+class MakeViews:
+    """Checked sample -> tensors of one batch row, with a per-sample RNG from (seed, epoch, rank, worker, n)."""
+
+    def __init__(self, cfg: DataConfig, state: EpochState, skips: SkipCounter, tokenizer_path: str | None):
+        self.cfg, self.state, self.skips, self.tokenizer_path = cfg, state, skips, tokenizer_path
+
+    def __call__(self, src):
+        tokenizer = None
+        if self.tokenizer_path is not None:
+            from data_prep.tokenizer import load_tokenizer
+
+            tokenizer = load_tokenizer(self.tokenizer_path)
+        for n, sample in enumerate(src):
+            try:
+                yield sample_views(sample, self.cfg, _rng(self.state, 2, n), tokenizer)
+            except Exception as e:
+                self.skips.reject(e)
+
+
+class BatchSamples:
+    """Collate rows into batches; in resampled mode stop after this worker's share of `num_batches`."""
+
+    def __init__(self, batch_size: int, state: EpochState, skips: SkipCounter, full_batches_only: bool):
+        self.batch_size, self.state, self.skips, self.full_only = batch_size, state, skips, full_batches_only
+
+    def __call__(self, src):
+        worker, num_workers = _worker_info()
+        left = self.state.num_batches - self.state.resume_at
+        limit = left // num_workers + (worker < left % num_workers) if self.full_only else None
+        rows: list[dict] = []
+        made = 0
+        for row in src if limit != 0 else ():
+            self.skips.accept()
+            rows.append(row)
+            if len(rows) == self.batch_size:
+                yield collate_rows(rows, self.skips.take())
+                rows, made = [], made + 1
+                if made == limit:
+                    break
+        if rows and not self.full_only:
+            yield collate_rows(rows, self.skips.take())
+        pending = self.skips.take()
+        if pending:
+            yield {"_skipped": pending}
+
+
+def collate_rows(rows: list[dict], skipped: dict[str, int]) -> dict:
+    """Stack rows into a batch; caption rows (`text`, `text_mask`) are padded to the longest K in the batch."""
+    batch: dict = {}
+    for key in rows[0]:
+        values = [r[key] for r in rows]
+        if key == "meta":
+            batch[key] = values
+        elif key in ("text", "text_mask"):
+            k = max(v.shape[0] for v in values)
+            batch[key] = torch.stack([torch.cat([v, v.new_zeros(k - v.shape[0], *v.shape[1:])]) for v in values])
+        else:
+            batch[key] = torch.stack(values)
+    if skipped:
+        batch["_skipped"] = skipped
+    return batch
