@@ -1,0 +1,423 @@
+"""Embedding files: extract them from a dataset with a model (over all ranks, resumable) and read them back.
+
+Layout of an embedding directory (rows ordered by sample idx):
+
+    meta.jsonl               one line per video row: row, idx, id, label, captions, has_audio, windows
+    <modality>@<space>.npy   float16 (N, D), L2-normalised mean of the N windows' normalised embeddings
+    video@<space>.windows.npy  float16 (N, W, D) per-window embeddings (for time windows in search)
+    text@<space>.npy         float16 (C, D), one row per caption, videos in row order, captions in meta order
+    caption_video.npy        int64 (C,), the video row of each caption row
+    video_logits.npy, audio_logits.npy   float16 (H, N, K) self-label head logits (the heads read window 0)
+    embed.json               written last: what was embedded, and that the directory is complete
+
+Each rank writes `parts/rank<r>-<seq>.npz` files every few batches (atomically); a restarted run skips the
+samples whose idx is already in a part, and rank 0 merges the parts once every rank is done.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import shutil
+import tarfile
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+COMPLETE = "embed.json"
+
+
+@dataclass
+class Embeddings:
+    """An embedding directory in memory (arrays are memory-mapped, float16 on disk)."""
+
+    root: Path
+    meta: list[dict]
+    arrays: dict[str, np.ndarray]
+    caption_video: np.ndarray
+    info: dict = field(default_factory=dict)
+
+    def get(self, name: str) -> np.ndarray:
+        """Array `name` (e.g. "video@vt") as float32; ValueError listing what exists when absent."""
+        if name not in self.arrays:
+            raise ValueError(f"{self.root}: no {name}.npy (have: {', '.join(sorted(self.arrays)) or 'none'})")
+        return np.asarray(self.arrays[name], dtype=np.float32)
+
+    @property
+    def idx(self) -> np.ndarray:
+        return np.array([m["idx"] for m in self.meta], dtype=np.int64)
+
+    @property
+    def has_audio(self) -> np.ndarray:
+        return np.array([bool(m.get("has_audio", True)) for m in self.meta])
+
+    def labels(self, names: list[str] | None = None) -> tuple[np.ndarray, list[str]]:
+        """Integer class per row (-1 where unknown) and the class names (sorted, or `names` to share codes)."""
+        raw = [m.get("label") for m in self.meta]
+        names = names if names is not None else sorted({str(x) for x in raw if x is not None and x != -1})
+        code = {n: i for i, n in enumerate(names)}
+        return np.array([code.get(str(x), -1) if x is not None else -1 for x in raw], dtype=np.int64), names
+
+
+def read_embeddings(root: str | Path) -> Embeddings:
+    """Open an embedding directory written by `extract_embeddings`."""
+    root = Path(root)
+    if not (root / COMPLETE).is_file():
+        raise ValueError(f"{root} is not a complete embedding directory (no {COMPLETE}); run `vatp embed` first")
+    with open(root / "meta.jsonl", encoding="utf-8") as f:
+        meta = [json.loads(line) for line in f if line.strip()]
+    arrays = {p.name[:-4]: np.load(p, mmap_mode="r", allow_pickle=False) for p in sorted(root.glob("*.npy"))}
+    caption_video = np.asarray(arrays.pop("caption_video", np.zeros(0, dtype=np.int64)))
+    for name, a in arrays.items():
+        rows = a.shape[1] if name.endswith("_logits") else a.shape[0]
+        expect = len(caption_video) if name.startswith("text@") else len(meta)
+        if rows != expect:
+            raise ValueError(f"{root}/{name}.npy has {rows} rows, expected {expect}")
+    info = json.loads((root / COMPLETE).read_text(encoding="utf-8"))
+    return Embeddings(root, meta, arrays, caption_video, info)
+
+
+def average_windows(x: torch.Tensor) -> torch.Tensor:
+    """(B, W, D) window embeddings -> (B, D): mean of the L2-normalised windows, normalised again."""
+    return F.normalize(F.normalize(x.float(), dim=-1).mean(dim=1), dim=-1)
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to embed: the module, its input contracts, and how its text is tokenised."""
+
+    module: torch.nn.Module
+    contracts: dict
+    tokenize: Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]] | None
+    source: str  # "exported" or "s3d_howto100m"
+    path: str = ""
+
+
+def load_model(checkpoint: str | Path, *, tokenizer: str | Path | None = None, dict_path: str | Path | None = None):
+    """An exported vatp model (dir with model.yaml) or the released `s3d_howto100m.pth` (with `dict_path`).
+
+    Our models tokenise text with the dataset's sentencepiece `tokenizer`; the released S3D uses its word list.
+    """
+    from models.s3d import load_s3d_howto100m
+    from models.towers import load_exported
+
+    checkpoint = Path(checkpoint)
+    if checkpoint.suffix in (".pth", ".pt"):
+        model = load_s3d_howto100m(checkpoint, dict_path)
+        tok = _word_list_tokenizer(model) if model.text is not None else None
+        return LoadedModel(model, model.input_contracts(), tok, "s3d_howto100m", str(checkpoint))
+    if not checkpoint.exists():
+        raise ValueError(f"checkpoint not found: {checkpoint}")
+    model, cfg = load_exported(checkpoint)
+    contracts = model.input_contracts()
+    tok = None
+    if "text" in contracts and tokenizer is not None:
+        from data_prep.tokenizer import encode_batch, load_tokenizer
+
+        sp, max_tokens = load_tokenizer(tokenizer), contracts["text"].max_tokens
+        tok = functools.partial(encode_batch, sp, max_tokens=max_tokens)
+    return LoadedModel(model, contracts, tok, "exported", str(checkpoint))
+
+
+def _word_list_tokenizer(model) -> Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]]:
+    def tokenize(texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = model.tokenize(texts)  # (N, L); padding is id 0
+        return ids, ids != 0
+
+    return tokenize
+
+
+def embed_texts(model: LoadedModel, texts: list[str], space: str = "vt", batch_size: int = 256) -> np.ndarray:
+    """L2-normalised `text@<space>` embeddings (N, D) of `texts`."""
+    if model.tokenize is None:
+        raise ValueError("this model has no text tower or no tokenizer was given (--tokenizer)")
+    out = []
+    for s in range(0, len(texts), batch_size):
+        ids, mask = model.tokenize(texts[s : s + batch_size])
+        with torch.inference_mode():
+            z = model.module({"text": ids[:, None], "text_mask": mask[:, None]})[f"text@{space}"]  # (B, 1, D)
+        out.append(F.normalize(z[:, 0].float(), dim=-1).cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
+
+
+def embed_dataset(
+    model: LoadedModel,
+    dataset: str | Path,
+    out: str | Path,
+    *,
+    windows: int = 4,
+    batch_size: int = 8,
+    num_workers: int = 2,
+    rank: int = 0,
+    world_size: int = 1,
+    device: str = "cpu",
+    data_overrides: dict | None = None,
+) -> dict:
+    """Embed every sample of `dataset` with `model` into `out` (see the module docstring); call on every rank."""
+    from pipeline.data import DataConfig, DatasetSource, make_eval_loader, read_dataset_json, resolve_inputs
+
+    out = Path(out)
+    if (out / COMPLETE).is_file():
+        log.info("%s is already complete; delete it to embed again", out)
+        return {"rows": len(read_embeddings(out).meta), "embedded": 0, "resumed": 0, "seconds": 0.0}
+    c = model.contracts
+    pairs_text_in_loader = "text" in c and model.source == "exported"
+    cfg = DataConfig(
+        datasets=[DatasetSource(str(dataset))], views="eval", mode="exact", batch_size=batch_size,
+        num_workers=num_workers, eval_windows=windows, with_meta=True, **(data_overrides or {}),
+    )  # fmt: skip
+    cfg.audio.enabled = "audio" in c
+    cfg.text.enabled = pairs_text_in_loader
+    cfg = resolve_inputs(cfg, video=c.get("video"), audio=c.get("audio"), text=c.get("text"))
+    loader = make_eval_loader(cfg, rank=rank, world_size=world_size)
+    expected = None
+    if Path(dataset, "dataset.json").is_file():
+        expected = int(read_dataset_json(str(dataset))["samples"])
+    info = {"checkpoint": model.path, "kind": model.source, "dataset": str(dataset), "windows": windows}
+    info["world_size"] = world_size
+    summary = extract_embeddings(
+        model.module.to(device), loader, out, rank=rank, world_size=world_size, device=device,
+        expected=expected, info=info, total=len(loader),
+    )  # fmt: skip
+    if loader.skipped:
+        log.warning("rank %d: loader skipped samples: %s", rank, loader.skipped)
+    summary["skipped"] = dict(loader.skipped)
+    if rank == 0:
+        if model.source == "s3d_howto100m" and model.tokenize is not None:
+            _embed_meta_captions(model, out)
+        if "video" in c:
+            add_window_times(out, dataset, cfg.num_frames / cfg.fps, windows)
+    return summary
+
+
+def add_window_times(out: str | Path, dataset: str | Path, clip_seconds: float, windows: int) -> None:
+    """Add `start`, `duration` and each window's [start, end] (seconds in the source video) to meta.jsonl.
+
+    Window starts follow the loader's eval views: `windows` evenly spaced over the sample, clip_seconds long.
+    Reads only the shards' `.json` members.
+    """
+    out = Path(out)
+    times: dict[int, tuple[float, float]] = {}
+    for shard in sorted(Path(dataset, "shards").glob("*.tar")):
+        with tarfile.open(shard, "r:") as tar:
+            for member in tar:
+                if member.isfile() and member.name.endswith(".json"):
+                    m = json.loads(tar.extractfile(member).read())
+                    frames, fps = m.get("num_frames"), m.get("fps")
+                    duration = frames / fps if frames and fps else float(m.get("duration") or 0.0)
+                    times[int(m["idx"])] = (float(m.get("start") or 0.0), duration)
+    path = out / "meta.jsonl"
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    for r in rows:
+        if r["idx"] not in times:
+            continue
+        start, duration = times[r["idx"]]
+        starts = np.linspace(0, max(duration - clip_seconds, 0), windows) if windows else np.zeros(1)
+        length = min(clip_seconds, duration) if windows else duration
+        r.update(start=start, duration=duration)
+        r["windows"] = [[round(start + s, 3), round(start + s + length, 3)] for s in starts.tolist()]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _embed_meta_captions(model: LoadedModel, out: Path) -> None:
+    """For models whose tokeniser the loader does not know (the released S3D): embed meta.jsonl's captions."""
+    emb = read_embeddings(out)
+    texts = [c for m in emb.meta for c in m.get("captions") or []]
+    counts = [len(m.get("captions") or []) for m in emb.meta]
+    _save(out / "text@vt.npy", embed_texts(model, texts) if texts else np.zeros((0, 512)))
+    np.save(out / "caption_video.npy", np.repeat(np.arange(len(counts)), counts).astype(np.int64))
+
+
+def extract_embeddings(
+    model: Callable[[dict], dict],
+    batches: Iterable[dict],
+    out: str | Path,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    device: str | torch.device = "cpu",
+    flush_every: int = 20,
+    expected: int | None = None,
+    info: dict | None = None,
+    total: int | None = None,
+) -> dict:
+    """Embed every batch with `model` into `out` (this rank's part), then merge on rank 0.
+
+    `batches` yields eval batches (pipeline.data.make_eval_loader). Call on every rank; ranks synchronise
+    through torch.distributed when it is initialised. Returns a summary dict (rows, skipped, seconds).
+    """
+    out = Path(out)
+    parts = out / "parts"
+    parts.mkdir(parents=True, exist_ok=True)
+    done = _done_idx(parts)
+    t0 = time.time()
+    buf: list[dict] = []
+    seq = len(list(parts.glob(f"rank{rank}-*.npz")))
+    embedded = skipped = 0
+    bar = tqdm(batches, desc=f"embed r{rank}", unit="batch", total=total, disable=rank != 0)
+    for batch in bar:
+        keep = ~np.isin(batch["idx"].numpy(), list(done))
+        skipped += int((~keep).sum())
+        if not keep.any():
+            continue
+        rows = _embed_batch(model, _select(batch, keep), device)
+        buf.append(rows)
+        embedded += len(rows["idx"])
+        if len(buf) >= flush_every:
+            _write_part(parts / f"rank{rank}-{seq:05d}", buf)
+            seq, buf = seq + 1, []
+    if buf:
+        _write_part(parts / f"rank{rank}-{seq:05d}", buf)
+    if skipped:
+        log.info("rank %d: %d samples already embedded by an earlier run, skipped", rank, skipped)
+    _barrier(world_size)
+    summary = {"embedded": embedded, "resumed": skipped, "seconds": time.time() - t0}
+    if rank == 0:
+        summary.update(merge_parts(out, expected=expected, info=info))
+    _barrier(world_size)
+    return summary
+
+
+def _embed_batch(model: Callable[[dict], dict], batch: dict, device) -> dict:
+    inputs = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+    with torch.inference_mode():
+        out = model(inputs)
+    b = len(batch["idx"])
+    rows: dict = {"idx": batch["idx"].numpy().astype(np.int64), "meta": _batch_meta(batch)}
+    for name, x in out.items():
+        if "@" in name and name.startswith(("video@", "audio@")):
+            x = x.reshape(b, -1, x.shape[-1])  # (B, W, D)
+            rows[name] = average_windows(x).cpu().numpy()
+            if name.startswith("video@"):
+                rows[name + ".windows"] = F.normalize(x.float(), dim=-1).cpu().numpy()
+        elif name.startswith("text@"):
+            mask = batch["text_mask"].any(-1).reshape(b, -1)  # (B, K) real captions
+            if batch.get("meta") is not None:  # trust the caption list over the tokens (an all-pad caption stays)
+                n_caps = torch.tensor([len(m.get("captions") or []) for m in batch["meta"]])
+                mask = torch.arange(mask.shape[1])[None] < n_caps[:, None]
+            x = F.normalize(x.float().reshape(b, mask.shape[1], -1), dim=-1).cpu()  # (B, K, D)
+            rows[name] = x[mask].numpy()
+            rows["text_count"] = mask.sum(1).numpy().astype(np.int64)
+        elif name.endswith("/logits"):
+            h = x.shape[0]
+            x = x.float().reshape(h, b, -1, x.shape[-1]).mean(2)  # (H, B, K), windows averaged
+            rows[name.split("/")[0] + "_logits"] = x.cpu().numpy()
+    return rows
+
+
+def _batch_meta(batch: dict) -> list[dict]:
+    metas = batch.get("meta")
+    b = len(batch["idx"])
+    metas = list(metas) if metas is not None else [{} for _ in range(b)]
+    has_audio = batch.get("has_audio")
+    out = []
+    for i, m in enumerate(metas):
+        m = dict(m)
+        m["idx"] = int(batch["idx"][i])
+        if has_audio is not None:
+            m["has_audio"] = bool(has_audio[i])
+        out.append(m)
+    return out
+
+
+def _select(batch: dict, keep: np.ndarray) -> dict:
+    sel = torch.from_numpy(np.flatnonzero(keep))
+    out = {}
+    for k, v in batch.items():
+        if isinstance(v, torch.Tensor) and v.ndim > 0 and v.shape[0] == len(keep):
+            out[k] = v[sel]
+        elif isinstance(v, list) and len(v) == len(keep):
+            out[k] = [v[i] for i in sel.tolist()]
+        else:
+            out[k] = v
+    return out
+
+
+def _write_part(stem: Path, rows: list[dict]) -> None:
+    arrays: dict[str, np.ndarray] = {}
+    for name in rows[0]:
+        if name == "meta":
+            continue
+        axis = 1 if name.endswith("_logits") else 0
+        arrays[name] = np.concatenate([r[name] for r in rows], axis=axis)
+    arrays["meta"] = np.array(json.dumps([m for r in rows for m in r["meta"]]))
+    tmp = stem.with_name(f".{stem.name}.tmp")  # outside the rank*-*.npz pattern until complete
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    os.replace(tmp, stem.with_suffix(".npz"))
+
+
+def _done_idx(parts: Path) -> set[int]:
+    done: set[int] = set()
+    for p in sorted(parts.glob("rank*-*.npz")):
+        with np.load(p, allow_pickle=False) as z:
+            done.update(z["idx"].tolist())
+    return done
+
+
+def merge_parts(out: str | Path, *, expected: int | None = None, info: dict | None = None) -> dict:
+    """Merge `out/parts/*.npz` into the final files (rows sorted by idx, duplicates dropped)."""
+    out = Path(out)
+    files = sorted((out / "parts").glob("rank*-*.npz"))
+    if not files:
+        raise ValueError(f"{out}/parts has no embedding parts: the loader yielded no samples")
+    loaded = []
+    for p in files:
+        with np.load(p, allow_pickle=False) as z:
+            loaded.append({k: z[k] for k in z.files})
+    idx = np.concatenate([z["idx"] for z in loaded])
+    meta = [m for z in loaded for m in json.loads(str(z["meta"]))]
+    order = np.argsort(idx, kind="stable")
+    uniq = np.concatenate([[True], np.diff(idx[order]) != 0])
+    dupes = int((~uniq).sum())
+    order = order[uniq]
+    if dupes:
+        log.warning("%d samples were embedded twice (overlapping ranks or resumed runs); kept the first", dupes)
+    names = sorted({k for z in loaded for k in z if k not in ("idx", "meta", "text_count")})
+    for name in names:
+        axis = 1 if name.endswith("_logits") else 0
+        if name.startswith("text@"):
+            continue
+        full = np.concatenate([z[name] for z in loaded], axis=axis)
+        _save(out / f"{name}.npy", np.take(full, order, axis=axis))
+    text_names = [n for n in names if n.startswith("text@")]
+    if text_names:
+        counts = np.concatenate([z["text_count"] for z in loaded])
+        offsets = np.concatenate([[0], np.cumsum(counts)])
+        rows = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in order]).astype(np.int64)
+        for name in text_names:
+            _save(out / f"{name}.npy", np.concatenate([z[name] for z in loaded])[rows])
+        np.save(out / "caption_video.npy", np.repeat(np.arange(len(order)), counts[order]).astype(np.int64))
+    with open(out / "meta.jsonl", "w", encoding="utf-8") as f:
+        for row, i in enumerate(order):
+            f.write(json.dumps({"row": row, **meta[i]}) + "\n")
+    if expected is not None and len(order) != expected:
+        log.warning("embedded %d samples but the dataset lists %d", len(order), expected)
+    summary = {"rows": int(len(order)), "duplicates": dupes, "arrays": names}
+    (out / COMPLETE).write_text(json.dumps({**(info or {}), **summary}, indent=1), encoding="utf-8")
+    shutil.rmtree(out / "parts")
+    return summary
+
+
+def _save(path: Path, a: np.ndarray) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")  # not *.npy, so a crash never leaves a readable half-array
+    with open(tmp, "wb") as f:
+        np.save(f, a.astype(np.float16))
+    os.replace(tmp, path)
+
+
+def _barrier(world_size: int) -> None:
+    if world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
