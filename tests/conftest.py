@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import os
-import random
 
-import numpy as np
-import pytest
-import torch
-
-# Keep every test on a 2-core budget and make FAISS/OpenMP idle politely.
+# OpenMP reads this when torch/faiss load, so it must be set before they are imported: idle threads then
+# sleep instead of spinning, which matters on a 2-core machine running several processes.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import random  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
 torch.set_num_threads(2)
 
 TINY_SYNTH = dict(videos=8, seed=0, seconds=4.0, width=96, height=72, fps=20)
