@@ -1,0 +1,173 @@
+"""Sinkhorn-Knopp speed and memory: seconds, peak memory ÷ the N x K matrix, and the iteration's effective
+memory bandwidth ÷ this machine's copy and GEMV bandwidth, measured in the same run.
+
+    .venv/bin/python bench/sinkhorn.py                       # 100k x 300 and 100k x 1000 (3 heads, 100 iterations)
+    .venv/bin/python bench/sinkhorn.py --cases 1000000x1000  # the 1M case (3.7 GiB per head buffer)
+
+Each case runs in its own subprocess so its peak RSS (VmHWM after a reset, minus the RSS before the buffer is
+allocated) is its own. Every head reuses one float32 buffer: scores are written into it, then solved in place
+(`sinkhorn(..., inplace=True)`), one head at a time. Iterations are fixed (tol=0) so cases compare; the 100k cases
+also report how many iterations SeLaVi's stopping rule (err <= 0.1) took. A CUDA case (1M x 3000) runs only
+when CUDA exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from pipeline.losses.sinkhorn import sinkhorn  # noqa: E402
+
+GIB = 1 << 30
+
+
+def copy_bandwidth(device: str) -> dict[str, float]:
+    """GB/s of a tensor copy (read + write) and of a GEMV (read-only), the two ceilings for the SK iteration."""
+    n = (512 << 20) // 4
+    src = torch.rand(n, device=device)
+    dst = torch.empty_like(src)
+    mat = src.view(-1, 1024)
+    vec = torch.rand(1024, device=device)
+    best_copy = best_gemv = float("inf")
+    for _ in range(5):
+        t = _sync_now(device)
+        dst.copy_(src)
+        best_copy = min(best_copy, _sync_now(device) - t)
+        t = _sync_now(device)
+        mat @ vec
+        best_gemv = min(best_gemv, _sync_now(device) - t)
+    return {"copy_gbs": 2 * src.numel() * 4 / best_copy / 1e9, "gemv_gbs": src.numel() * 4 / best_gemv / 1e9}
+
+
+def _sync_now(device: str) -> float:
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def fill_scores_(buf: torch.Tensor, seed: int) -> None:
+    """Log-softmax of random logits, written in row chunks so no N x K temporary exists."""
+    g = torch.Generator(device=buf.device).manual_seed(seed)
+    for rows in buf.split(8192):
+        rows.normal_(generator=g).mul_(2.0)
+        rows.sub_(rows.logsumexp(dim=1, keepdim=True))
+
+
+def run_case(n: int, k: int, heads: int, iters: int, device: str, stop_rule: bool) -> dict:
+    _reset_peak_rss()  # importing torch peaks higher than it settles; count only this case
+    rss_before = _rss_bytes()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    buf = torch.empty(n, k, dtype=torch.float32, device=device)
+    matrix = buf.numel() * 4
+    totals = {"prep": 0.0, "iterate": 0.0, "argmax": 0.0}
+    used_iters, clusters_used = 0, []
+    for h in range(heads):
+        fill_scores_(buf, seed=h)
+        res = sinkhorn(buf, 20.0, max_iters=iters, tol=0.0, inplace=True)
+        for key in totals:
+            totals[key] += res.seconds[key]
+        used_iters += res.iterations
+        clusters_used.append(int(torch.bincount(res.labels, minlength=k).gt(0).sum()))
+    out = {
+        "n": n,
+        "k": k,
+        "heads": heads,
+        "iterations": used_iters,
+        "matrix_gib": matrix / GIB,
+        **totals,
+        "seconds": sum(totals.values()),
+        "clusters_used_min": min(clusters_used),
+    }
+    out["eff_gbs"] = 2 * matrix * used_iters / totals["iterate"] / 1e9
+    if device == "cuda":
+        out["peak_over_matrix"] = torch.cuda.max_memory_allocated() / matrix
+    else:
+        out["peak_over_matrix"] = (_peak_rss_bytes() - rss_before) / matrix
+    if stop_rule:
+        fill_scores_(buf, seed=0)
+        out["stop_rule_iterations"] = sinkhorn(buf, 20.0, inplace=True).iterations
+    return out
+
+
+def _reset_peak_rss() -> None:
+    with open("/proc/self/clear_refs", "w") as f:  # "5" resets the peak RSS that getrusage reports (Linux)
+        f.write("5")
+
+
+def _peak_rss_bytes() -> int:
+    """Peak RSS since `_reset_peak_rss` (VmHWM). getrusage's ru_maxrss is not used: after fork + exec it also keeps
+    the parent's RSS at fork time (the kernel's signal->maxrss), which clear_refs does not reset."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) * 1024
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cases", nargs="*", default=["100000x300", "100000x1000"], help="NxK on the CPU")
+    ap.add_argument("--heads", type=int, default=3)
+    ap.add_argument("--iters", type=int, default=100)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one case in this process, print JSON
+    ap.add_argument("--device", default="cpu", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.one:
+        n, k = (int(v) for v in args.one.split("x"))
+        print(json.dumps(run_case(n, k, args.heads, args.iters, args.device, stop_rule=n <= 200_000)))
+        return
+
+    bw = {"cpu": copy_bandwidth("cpu")}
+    cases = [(c, "cpu") for c in args.cases]
+    if torch.cuda.is_available():
+        bw["cuda"] = copy_bandwidth("cuda")
+        cases.append(("1000000x3000", "cuda"))
+    load = os.getloadavg()[0]
+    print(f"load average {load:.1f} on {os.cpu_count()} cores, torch threads {args.threads}", file=sys.stderr)
+    print("case              dev   s total  prep  iter  argmax  iters  GB/s  ÷copy ÷gemv  peak÷matrix  stop-rule iters")
+    for case, device in cases:
+        cmd = [
+            sys.executable,
+            __file__,
+            "--one",
+            case,
+            "--device",
+            device,
+            "--heads",
+            str(args.heads),
+            "--iters",
+            str(args.iters),
+            "--threads",
+            str(args.threads),
+        ]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+        if proc.returncode != 0:
+            print(f"{case:<17} {device:<5} FAILED: {proc.stderr.strip().splitlines()[-1:]}")
+            continue
+        r = json.loads(proc.stdout.strip().splitlines()[-1])
+        b = bw[device]
+        name = f"{case} x{r['heads']}"
+        print(
+            f"{name:<17} {device:<5} {r['seconds']:7.2f} {r['prep']:5.2f} {r['iterate']:5.2f} {r['argmax']:6.2f} "
+            f"{r['iterations']:6d} {r['eff_gbs']:5.1f} {r['eff_gbs'] / b['copy_gbs']:6.2f} "
+            f"{r['eff_gbs'] / b['gemv_gbs']:5.2f} {r['peak_over_matrix']:11.2f}  {r.get('stop_rule_iterations', '-')}"
+        )
+    for device, b in bw.items():
+        print(f"{device}: copy {b['copy_gbs']:.1f} GB/s (read+write), GEMV {b['gemv_gbs']:.1f} GB/s (read)")
+
+
+if __name__ == "__main__":
+    main()

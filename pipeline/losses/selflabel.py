@@ -1,0 +1,280 @@
+"""Self-labelling (SeLa, SeLaVi): multi-head cross-entropy against labels that Sinkhorn-Knopp assigns to the
+whole dataset, re-solved on a schedule.
+
+API for the training loop (every rank calls the same methods in the same order):
+
+    sl = objective.selflabel                       # SelfLabelling, an nn.Module inside the Objective
+    if sl.should_relabel(step, total_steps):
+        for heads in sl.head_groups():             # one augmented pass over the dataset per group
+            vlp, alp, idx = [], [], []
+            for batch in exact_pass(dataset):      # each sample once across ranks; model in eval mode
+                v, a = sl.relabel_inputs(model(batch))   # log-softmax (B, H, K) each (a is None without audio)
+                vlp.append(v[:, heads]); alp.append(a[:, heads]); idx.append(batch["idx"])
+            stats = sl.relabel(torch.cat(vlp), torch.cat(alp), torch.cat(idx), heads=heads)
+
+`relabel(video_logp (N_local, |heads|, K) or a list of (N_local, K) per head, audio_logp (same) or None,
+idx (N_local,), *, heads=None, has_audio=None) -> dict` runs the distributed Sinkhorn-Knopp (each rank keeps its
+rows; only K-sized vectors cross ranks, plus one K x K similarity at the first run for modality alignment), then
+all-gathers the (idx, labels) pairs into the label table. The run counts as done once every head was labelled.
+Pass raw (un-aligned) audio log-probs: the audio cluster permutation is applied here and in `forward`.
+
+State in buffers (checkpointed by `state_dict()`): `labels` (N, H) int64, `audio_perm` (H, K), `sizes` (H, K)
+drawn cluster sizes (Gaussian / Zipf, drawn once), `runs_done`, `heads_done` (H,).
+
+Loss (SeLaVi): terms `selflabel/video` = mean over heads of CE(video logits, y) and `selflabel/audio` likewise
+(samples with audio only); the Objective averages the two, giving 0.5 · video + 0.5 · audio.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
+from torch import nn
+
+from pipeline.distributed import all_gather_varlen, all_reduce_sum, global_mean, is_distributed
+from pipeline.losses.sinkhorn import assign_marginals, draw_cluster_sizes, sinkhorn
+
+if TYPE_CHECKING:
+    from pipeline.losses import SelfLabelConfig
+
+log = logging.getLogger(__name__)
+CHUNK_ROWS = 4096
+
+
+class SelfLabelling(nn.Module):
+    """SeLaVi self-labelling objective with its label table, schedule and Sinkhorn-Knopp re-labelling."""
+
+    def __init__(self, cfg: SelfLabelConfig, *, num_samples: int):
+        super().__init__()
+        if num_samples < cfg.clusters:
+            raise ValueError(f"self-labelling needs at least clusters={cfg.clusters} samples, got {num_samples}")
+        self.cfg = cfg
+        h, k = cfg.heads, cfg.clusters
+        g = torch.Generator().manual_seed(cfg.seed)
+        # SeLa starts from a random balanced labelling.
+        labels = torch.stack([torch.randperm(num_samples, generator=g) % k for _ in range(h)], dim=1)  # (N, H)
+        sizes = torch.stack(
+            [draw_cluster_sizes(cfg.marginals, k, param=cfg.marginal_param, generator=g) for _ in range(h)]
+        )  # (H, K)
+        self.register_buffer("labels", labels)
+        self.register_buffer("sizes", sizes)
+        self.register_buffer("audio_perm", torch.arange(k).repeat(h, 1))
+        self.register_buffer("runs_done", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("heads_done", torch.zeros(h, dtype=torch.bool))
+
+    def forward(self, out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """{"selflabel/video": mean_h CE, "selflabel/audio": mean_h CE} against the labels of `batch["idx"]`."""
+        if "video/logits" not in out:
+            raise ValueError(f"self-labelling needs model output 'video/logits'; got {sorted(out)}")
+        y = self._batch_labels(batch["idx"]).T  # (H, B)
+        video = self._check_logits(out["video/logits"], "video/logits")
+        h, b, k = video.shape
+        terms = {
+            "selflabel/video": global_mean(
+                F.cross_entropy(video.reshape(h * b, k), y.reshape(-1), reduction="sum") / h, b
+            )
+        }
+        if "audio/logits" in out:
+            audio = self._aligned_audio(self._check_logits(out["audio/logits"], "audio/logits"))
+            ce = F.cross_entropy(audio.reshape(h * b, k), y.reshape(-1), reduction="none").view(h, b).mean(0)
+            has = batch.get("has_audio")
+            has = torch.ones(b, dtype=torch.bool, device=ce.device) if has is None else has.bool()
+            terms["selflabel/audio"] = global_mean(torch.where(has, ce, torch.zeros_like(ce)).sum(), has.sum())
+        return terms
+
+    def schedule(self, total_steps: int) -> list[int]:
+        """Steps at which labelling runs start: total_steps · (j / (R - 1)) ** power, j = 0..R-1 (SeLaVi)."""
+        r, p = self.cfg.relabels, self.cfg.schedule_power
+        return [0] if r == 1 else [int(total_steps * (j / (r - 1)) ** p) for j in range(r)]
+
+    def should_relabel(self, step: int, total_steps: int) -> bool:
+        """True when the next scheduled labelling run is due (the same answer on every rank)."""
+        done = int(self.runs_done)
+        plan = self.schedule(total_steps)
+        return done < len(plan) and step >= plan[done]
+
+    def head_groups(self) -> list[list[int]]:
+        """This run's heads, shuffled and split into `head_groups` groups (each gets its own augmented pass)."""
+        g = torch.Generator().manual_seed(self.cfg.seed * 100003 + int(self.runs_done) + 1)
+        order = torch.randperm(self.cfg.heads, generator=g).tolist()
+        return [sorted(order[i :: self.cfg.head_groups]) for i in range(self.cfg.head_groups)]
+
+    @staticmethod
+    def relabel_inputs(out: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(video_logp, audio_logp) as (B, H, K) float32 log-softmax of the model's logits (audio raw, un-aligned)."""
+        video = F.log_softmax(out["video/logits"].detach().float(), dim=-1).transpose(0, 1)
+        audio = out.get("audio/logits")
+        if audio is not None:
+            audio = F.log_softmax(audio.detach().float(), dim=-1).transpose(0, 1)
+        return video, audio
+
+    @torch.no_grad()
+    def relabel(
+        self,
+        video_logp: torch.Tensor | Sequence[torch.Tensor],
+        audio_logp: torch.Tensor | Sequence[torch.Tensor] | None,
+        idx: torch.Tensor,
+        *,
+        heads: Sequence[int] | None = None,
+        has_audio: torch.Tensor | None = None,
+    ) -> dict[str, float]:
+        """Solve SK for `heads` on this rank's rows (distributed across ranks), write the label table, return stats."""
+        start = time.perf_counter()
+        heads = list(range(self.cfg.heads)) if heads is None else [int(h) for h in heads]
+        video = _per_head(video_logp, len(heads), "video_logp")
+        audio = None if audio_logp is None else _per_head(audio_logp, len(heads), "audio_logp")
+        idx = idx.reshape(-1).to(torch.int64)
+        self._check_rows(video, audio, idx, heads)
+        has = None if audio is None else _as_mask(has_audio, idx.shape[0], video[0].device)
+        first_run = int(self.runs_done) == 0 and self.cfg.align_modalities and audio is not None
+        new, iters, errors = [], [], []
+        for j, h in enumerate(heads):
+            if first_run:
+                self.audio_perm[h] = _match_clusters(video[j], audio[j], has).to(self.audio_perm.device)
+            perm = self.audio_perm[h].to(video[j].device)
+            scores = _combine(video[j], None if audio is None else audio[j], perm, has)  # (N_local, K) float32
+            target = None
+            if self.cfg.marginals != "uniform":
+                target = assign_marginals(self.sizes[h].cpu(), _soft_mass(scores)).to(scores.device)
+            res = sinkhorn(
+                scores,
+                self.cfg.lam,
+                target,
+                max_iters=self.cfg.sk_max_iters,
+                tol=self.cfg.sk_tol,
+                distributed=True,
+                inplace=True,
+            )
+            del scores
+            new.append(res.labels)
+            iters.append(res.iterations)
+            errors.append(res.error)
+        stats = self._write_labels(idx, torch.stack(new, dim=1), heads)
+        self.heads_done[heads] = True
+        if bool(self.heads_done.all()):
+            self.runs_done += 1
+            self.heads_done.zero_()
+        stats.update(
+            {
+                "run": float(self.runs_done),
+                "sk_iterations": float(max(iters)),
+                "sk_error": float(max(errors)),
+                "seconds": time.perf_counter() - start,
+            }
+        )
+        log.info("self-labelling heads %s: %s", heads, {k: round(v, 4) for k, v in stats.items()})
+        return stats
+
+    def _write_labels(self, idx, labels, heads) -> dict[str, float]:
+        idx_all = all_gather_varlen(idx.to(self.labels.device))  # (N_seen,)
+        lab_all = all_gather_varlen(labels.to(self.labels.device))  # (N_seen, |heads|)
+        cols = torch.tensor(heads, device=self.labels.device)
+        old = self.labels[idx_all[:, None], cols[None, :]]
+        self.labels[idx_all[:, None], cols[None, :]] = lab_all
+        k = self.cfg.clusters
+        counts = torch.stack([torch.bincount(lab_all[:, j], minlength=k) for j in range(len(heads))])  # (|h|, K)
+        seen = torch.unique(idx_all).numel()
+        if seen < self.labels.shape[0]:
+            log.warning(
+                "self-labelling saw %d of %d samples; the others keep their previous labels", seen, self.labels.shape[0]
+            )
+        return {
+            "samples": float(seen),
+            "coverage": seen / self.labels.shape[0],
+            "changed": float((old != lab_all).float().mean()) if lab_all.numel() else 0.0,
+            "clusters_used_min": float((counts > 0).sum(1).min()),
+            "largest_cluster_frac": float(counts.max()) / max(1, idx_all.numel()),
+        }
+
+    def _batch_labels(self, idx: torch.Tensor) -> torch.Tensor:
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.labels.shape[0]):
+            raise ValueError(
+                f"batch idx out of range [0, {self.labels.shape[0]}): min {int(idx.min())}, max {int(idx.max())}"
+            )
+        return self.labels[idx]  # (B, H)
+
+    def _check_logits(self, logits: torch.Tensor, name: str) -> torch.Tensor:
+        if logits.dim() != 3 or logits.shape[0] != self.cfg.heads or logits.shape[2] != self.cfg.clusters:
+            raise ValueError(
+                f"{name} must be (H={self.cfg.heads}, B, K={self.cfg.clusters}), got {tuple(logits.shape)}"
+            )
+        return logits
+
+    def _aligned_audio(self, audio: torch.Tensor) -> torch.Tensor:
+        h, b, k = audio.shape
+        return torch.gather(audio, 2, self.audio_perm[:, None, :].expand(h, b, k))  # (H, B, K)
+
+    def _check_rows(self, video, audio, idx, heads) -> None:
+        n, k = idx.shape[0], self.cfg.clusters
+        if len(set(heads)) != len(heads) or any(not 0 <= h < self.cfg.heads for h in heads):
+            raise ValueError(f"heads must be distinct indices in 0..{self.cfg.heads - 1}, got {heads}")
+        for name, mats in (("video_logp", video), ("audio_logp", audio or [])):
+            for m in mats:
+                if tuple(m.shape) != (n, k):
+                    raise ValueError(f"{name} per head must be (N_local={n}, K={k}), got {tuple(m.shape)}")
+        if n and (int(idx.min()) < 0 or int(idx.max()) >= self.labels.shape[0]):
+            raise ValueError(
+                f"idx out of range [0, {self.labels.shape[0]}): min {int(idx.min())}, max {int(idx.max())}"
+            )
+
+
+def _per_head(x, count: int, name: str) -> list[torch.Tensor]:
+    if isinstance(x, torch.Tensor):
+        if x.dim() != 3 or x.shape[1] != count:
+            raise ValueError(f"{name} must be (N_local, {count} heads, K), got {tuple(x.shape)}")
+        return [x[:, j] for j in range(count)]
+    if len(x) != count:
+        raise ValueError(f"{name} must hold {count} per-head tensors, got {len(x)}")
+    return list(x)
+
+
+def _as_mask(has_audio, n: int, device) -> torch.Tensor:
+    if has_audio is None:
+        return torch.ones(n, dtype=torch.bool, device=device)
+    if has_audio.shape != (n,):
+        raise ValueError(f"has_audio must be ({n},), got {tuple(has_audio.shape)}")
+    return has_audio.to(device=device, dtype=torch.bool)
+
+
+def _combine(video, audio, perm, has) -> torch.Tensor:
+    """SeLaVi scores 0.5 · (log p_v + log p_a[:, perm]) (video alone where audio is missing), in a new fp32 buffer."""
+    scores = torch.empty(video.shape, dtype=torch.float32, device=video.device)
+    for s in range(0, video.shape[0], CHUNK_ROWS):
+        rows = scores[s : s + CHUNK_ROWS]
+        rows.copy_(video[s : s + CHUNK_ROWS])
+        if audio is not None:
+            a = audio[s : s + CHUNK_ROWS].float()[:, perm]  # (c, K) aligned to the video clusters
+            rows.copy_(torch.where(has[s : s + CHUNK_ROWS, None], 0.5 * (rows + a), rows))
+    return scores
+
+
+def _soft_mass(scores: torch.Tensor) -> torch.Tensor:
+    """Current cluster mass Σ_n softmax(scores[n]) (K,), summed over ranks; ranks clusters for the marginals."""
+    mass = torch.zeros(scores.shape[1], dtype=torch.float64, device=scores.device)
+    for s in range(0, scores.shape[0], CHUNK_ROWS):
+        mass += torch.softmax(scores[s : s + CHUNK_ROWS], dim=1).sum(0, dtype=torch.float64)
+    return (all_reduce_sum(mass) if is_distributed() else mass).cpu()
+
+
+def _match_clusters(video, audio, has) -> torch.Tensor:
+    """Permutation perm (K,) so that audio cluster perm[k] matches video cluster k (SeLaVi modality alignment).
+
+    SeLaVi minimises Σ_k |P_v[:, k] - P_a[:, perm k]|_1 by random swaps; here the assignment that maximises
+    Σ_k <P_v[:, k], P_a[:, perm k]> is solved exactly (Hungarian) on the K x K similarity summed over ranks.
+    """
+    k = video.shape[1]
+    sim = torch.zeros(k, k, dtype=torch.float64, device=video.device)
+    for s in range(0, video.shape[0], CHUNK_ROWS):
+        keep = has[s : s + CHUNK_ROWS]
+        pv = video[s : s + CHUNK_ROWS][keep].double().exp()
+        pa = audio[s : s + CHUNK_ROWS][keep].double().exp()
+        sim += pv.T @ pa  # (K, K)
+    sim = all_reduce_sum(sim) if is_distributed() else sim
+    _, cols = linear_sum_assignment(sim.cpu().numpy(), maximize=True)
+    return torch.as_tensor(cols, dtype=torch.int64)
