@@ -239,7 +239,6 @@ def test_unknown_manifest_column_fails_before_any_work(manifest_dir, tmp_path):
 # ---- a killed build resumes to the same bytes -----------------------------------------------------------------
 
 
-@pytest.mark.slow
 def test_killed_build_resumes_to_identical_shards(manifest_dir, tmp_path):
     corpus = tmp_path / "corpus"
     corpus.mkdir()

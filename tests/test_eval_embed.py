@@ -94,7 +94,6 @@ def test_rows_equal_a_direct_forward_of_the_model(setup, single):
     )
 
 
-@pytest.mark.slow
 def test_interrupted_run_resumes_without_recomputing(setup, single, tmp_path, monkeypatch):
     import eval.embed as E
 
@@ -150,7 +149,6 @@ def _rank_main(rank, world, setup, out, init):
         torch.distributed.destroy_process_group()
 
 
-@pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.timeout(300)
 def test_two_gloo_ranks_cover_each_sample_once_and_match_one_process(setup, single, tmp_path):
@@ -166,7 +164,6 @@ def test_two_gloo_ranks_cover_each_sample_once_and_match_one_process(setup, sing
     np.testing.assert_array_equal(two.caption_video, single.caption_video)
 
 
-@pytest.mark.slow
 def test_released_s3d_checkpoint_embeds_video_and_word_list_captions(setup, tmp_path):
     """A width-1/8 stand-in for s3d_howto100m.pth (same key layout) with its word2vec text tower."""
     from models.s3d import S3D, Word2VecText

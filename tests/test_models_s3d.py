@@ -193,7 +193,6 @@ def test_loader_errors_name_the_problem(tmp_path):
     assert load_s3d_howto100m(ckpt).text is None
 
 
-@pytest.mark.slow
 def test_loader_reads_a_full_size_checkpoint_with_the_exact_released_keys(tmp_path):
     source = S3D(space_to_depth=True)
     _randomise(source, seed=4)
