@@ -37,6 +37,7 @@ from pipeline.stages import (
     ShuffleSamples,
     SkipCounter,
     SplitByRank,
+    exact_shard_order,
     split_by_worker,
     wanted_member,
 )
@@ -172,7 +173,7 @@ def make_train_loader(data_cfg: DataConfig, *, rank: int, world_size: int, seed:
 
 def make_eval_loader(data_cfg: DataConfig, *, rank: int = 0, world_size: int = 1) -> Loader:
     """A deterministic exact-epoch loader with eval views (N windows, centre crop, all captions)."""
-    cfg = dataclasses.replace(data_cfg, views="eval", mode="exact", shuffle_buffer=0)
+    cfg = dataclasses.replace(data_cfg, views="eval", mode="exact", shuffle_buffer=0, epoch_samples=None)
     return _make_loader(cfg, rank=rank, world_size=world_size, seed=0, train=False)
 
 
@@ -203,8 +204,9 @@ def _make_loader(cfg: DataConfig, *, rank: int, world_size: int, seed: int, trai
         MakeViews(cfg, state, skips, _tokenizer_path(cfg)),
         BatchSamples(cfg.batch_size, state, skips, full_batches_only=resampled),
     ]
-    num_batches = _num_batches(cfg, shards, rank, world_size)
-    state.num_batches = num_batches
+    num_batches = _num_batches(cfg, shards, rank, world_size, seed=seed, train=train)
+    if isinstance(num_batches, int):
+        state.num_batches = num_batches
     log.info(
         "loader rank %d/%d: %d shards, %d labels, %s mode, %d batches/epoch of %d",
         rank,
@@ -212,7 +214,7 @@ def _make_loader(cfg: DataConfig, *, rank: int, world_size: int, seed: int, trai
         len(shards),
         len(labels),
         cfg.mode,
-        num_batches,
+        num_batches if isinstance(num_batches, int) else num_batches(state.epoch),
         cfg.batch_size,
     )
     return Loader(wds.DataPipeline(*stages), cfg, state, num_batches)
@@ -226,10 +228,16 @@ class Loader:
     in `skipped`.
     """
 
-    def __init__(self, dataset: wds.DataPipeline, cfg: DataConfig, state: EpochState, num_batches: int):
-        self.dataset, self.cfg, self.state, self.num_batches = dataset, cfg, state, num_batches
+    def __init__(self, dataset: wds.DataPipeline, cfg: DataConfig, state: EpochState, num_batches):
+        self.dataset, self.cfg, self.state, self._num_batches = dataset, cfg, state, num_batches
         self.skipped: dict[str, int] = {}
         self.samples_seen = 0
+
+    @property
+    def num_batches(self) -> int:
+        """Batches of the current epoch on this rank (exact mode: an upper bound when samples get skipped)."""
+        n = self._num_batches
+        return n if isinstance(n, int) else n(self.state.epoch)
 
     def __len__(self) -> int:
         return self.num_batches
@@ -358,12 +366,22 @@ def _sizes_near(url: str) -> dict[str, int]:
     return {s["name"]: int(s["samples"]) for s in read_dataset_json(root)["shards"]}
 
 
-def _num_batches(cfg: DataConfig, shards: list[Shard], rank: int, world_size: int) -> int:
+def _num_batches(cfg: DataConfig, shards: list[Shard], rank: int, world_size: int, *, seed: int, train: bool):
+    """Batches per epoch of this rank: a function of the epoch (exact mode) or a constant (resampled mode)."""
     workers = max(cfg.num_workers, 1)
     sizes = [s.samples for s in shards]
-    if cfg.mode == "exact" and None not in sizes and cfg.epoch_samples is None:
-        mine = sizes[rank::world_size]
-        return sum(math.ceil(sum(mine[w::workers]) / cfg.batch_size) for w in range(workers))
+    if cfg.mode == "exact":
+        if cfg.epoch_samples is not None:
+            raise ValueError(f"data.epoch_samples={cfg.epoch_samples} does nothing in exact mode: remove it")
+        if None in sizes:
+            raise ValueError("exact mode needs dataset dirs (with dataset.json) so every shard's size is known")
+
+        def count(epoch: int) -> int:
+            order = exact_shard_order(len(shards), seed, epoch, shuffle=train)
+            mine = [sizes[i] for i in order[rank::world_size]]  # same split as SplitByRank / split_by_worker
+            return sum(math.ceil(sum(mine[w::workers]) / cfg.batch_size) for w in range(workers))
+
+        return count
     epoch = cfg.epoch_samples if cfg.epoch_samples is not None else (sum(sizes) if None not in sizes else None)
     if epoch is None:
         raise ValueError("some shards have no sample count (no dataset.json next to them): set data.epoch_samples")

@@ -72,11 +72,15 @@ class ExactShards:
         self.urls, self.state, self.shuffle = urls, state, shuffle
 
     def __call__(self):
-        order = range(len(self.urls))
-        if self.shuffle:
-            order = np.random.default_rng([self.state.seed, self.state.epoch]).permutation(len(self.urls))
-        for i in order:
+        for i in exact_shard_order(len(self.urls), self.state.seed, self.state.epoch, self.shuffle):
             yield {"url": self.urls[i]}
+
+
+def exact_shard_order(num_shards: int, seed: int, epoch: int, shuffle: bool) -> list[int]:
+    """The shard order of one exact epoch, identical on every rank (the rank and worker split comes after)."""
+    if not shuffle:
+        return list(range(num_shards))
+    return np.random.default_rng([seed, epoch]).permutation(num_shards).tolist()
 
 
 class SplitByRank:

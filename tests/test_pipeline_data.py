@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import webdataset as wds
 
 from models.contracts import AudioInput, TextInput, VideoInput
 from pipeline.config import from_dict
@@ -24,6 +25,7 @@ from pipeline.data import (
     resolve_inputs,
     shard_weights,
 )
+from pipeline.stages import wanted_member
 
 VIDEO, AUDIO, TEXT = VideoInput(4, 32, 10.0), AudioInput(16000, 16, 0.5), TextInput(8, 100)
 
@@ -133,8 +135,41 @@ def test_pickle_members_are_never_unpickled(tiny_dataset, tokenizer, tmp_path):
         loader = make_eval_loader(cfg) if views == "eval" else make_train_loader(cfg, rank=0, world_size=1, seed=0)
         assert key in idxs(loader)
     assert not marker.exists()
+    # The loader's tar stage itself drops the members: no stage after it ever sees their bytes.
+    raw = wds.DataPipeline(
+        wds.SimpleShardList([str(ds / "shards" / "000000.tar")]),
+        wds.tarfile_to_samples(select_files=wanted_member),
+    )
+    keys = {k for sample in raw for k in sample}
+    assert "json" in keys and not keys & {"pyd", "pickle"}
     pickle.loads(payload)  # control: unpickling really would have created the marker
     assert marker.exists()
+
+
+def test_exact_mode_batch_count_matches_what_each_rank_yields_with_unequal_shards(tiny_dataset, tokenizer, tmp_path):
+    ds = copy_dataset(tiny_dataset, tmp_path / "ds")
+    shard = ds / "shards" / "000000.tar"
+    with tarfile.open(shard) as tf:
+        members = [(m.name, tf.extractfile(m).read()) for m in tf]
+    first = members[0][0].split(".")[0]
+    with tarfile.open(shard, "w") as tf:  # keep only the first sample: shards of 1, 2, 2, 2 samples
+        for name, body in members:
+            if name.split(".")[0] == first:
+                info = tarfile.TarInfo(name)
+                info.size = len(body)
+                tf.addfile(info, io.BytesIO(body))
+    meta = json.loads((ds / "dataset.json").read_text())
+    meta["shards"][0]["samples"] = 1
+    (ds / "dataset.json").write_text(json.dumps(meta))
+    cfg = make_cfg(ds, tokenizer, mode="exact", views="selflabel", batch_size=2)
+    for seed in range(4):
+        for rank in range(2):
+            loader = make_train_loader(cfg, rank=rank, world_size=2, seed=seed)
+            for _ in range(2):  # the shard order, hence the count, changes with the epoch
+                expected = loader.num_batches
+                assert len(list(loader)) == expected
+    with pytest.raises(ValueError, match="epoch_samples=5 does nothing in exact mode"):
+        make_train_loader(dataclasses.replace(cfg, epoch_samples=5), rank=0, world_size=1, seed=0)
 
 
 def test_stream_that_rejects_everything_fails_loudly(tiny_dataset, tokenizer, tmp_path):
