@@ -1,14 +1,17 @@
-"""Sinkhorn-Knopp speed and memory: seconds, peak memory ÷ the N x K matrix, and the iteration's effective
-memory bandwidth ÷ this machine's copy and GEMV bandwidth, measured in the same run.
+"""Sinkhorn-Knopp speed and memory: seconds (wall and CPU), peak memory ÷ the N x K matrix, the iteration's effective
+memory bandwidth ÷ this machine's copy and GEMV bandwidth, (prep + argmax) ÷ 100 iterations, and the fused one-pass
+iteration ÷ the two-GEMV iteration it replaced, all measured in the same run.
 
     .venv/bin/python bench/sinkhorn.py                       # 100k x 300 and 100k x 1000 (3 heads, 100 iterations)
     .venv/bin/python bench/sinkhorn.py --cases 1000000x1000  # the 1M case (3.7 GiB per head buffer)
+    .venv/bin/python bench/sinkhorn.py --cases 1000000x1000 --stop-rule  # every head stops by SeLaVi's rule
 
 Each case runs in its own subprocess so its peak RSS (VmHWM after a reset, minus the RSS before the buffer is
 allocated) is its own. Every head reuses one float32 buffer: scores are written into it, then solved in place
-(`sinkhorn(..., inplace=True)`), one head at a time. Iterations are fixed (tol=0) so cases compare; the 100k cases
-also report how many iterations SeLaVi's stopping rule (err <= 0.1) took. A CUDA case (1M x 3000) runs only
-when CUDA exists.
+(`sinkhorn(..., inplace=True)`), one head at a time. Iterations are fixed (tol=0) so cases compare, unless
+--stop-rule; the 100k cases also report how many iterations SeLaVi's stopping rule (err <= 0.1) took. "÷2gemv" is
+the fused iteration's time ÷ the previous implementation's (two full-matrix GEMVs, `beta @ P` then `P @ alpha`),
+timed on the last head's P in the same process. A CUDA case (1M x 3000) runs only when CUDA exists.
 """
 
 from __future__ import annotations
@@ -61,7 +64,7 @@ def fill_scores_(buf: torch.Tensor, seed: int) -> None:
         rows.sub_(rows.logsumexp(dim=1, keepdim=True))
 
 
-def run_case(n: int, k: int, heads: int, iters: int, device: str, stop_rule: bool) -> dict:
+def run_case(n: int, k: int, heads: int, iters: int, device: str, stop_rule: bool, all_stop_rule: bool) -> dict:
     _reset_peak_rss()  # importing torch peaks higher than it settles; count only this case
     rss_before = _rss_bytes()
     if device == "cuda":
@@ -69,10 +72,15 @@ def run_case(n: int, k: int, heads: int, iters: int, device: str, stop_rule: boo
     buf = torch.empty(n, k, dtype=torch.float32, device=device)
     matrix = buf.numel() * 4
     totals = {"prep": 0.0, "iterate": 0.0, "argmax": 0.0}
-    used_iters, clusters_used = 0, []
+    used_iters, clusters_used, cpu = 0, [], 0.0
     for h in range(heads):
         fill_scores_(buf, seed=h)
-        res = sinkhorn(buf, 20.0, max_iters=iters, tol=0.0, inplace=True)
+        cpu -= time.process_time()
+        if all_stop_rule:
+            res = sinkhorn(buf, 20.0, inplace=True)  # SeLaVi's rule: err <= 0.1, checked every 10 iterations
+        else:
+            res = sinkhorn(buf, 20.0, max_iters=iters, tol=0.0, inplace=True)
+        cpu += time.process_time()
         for key in totals:
             totals[key] += res.seconds[key]
         used_iters += res.iterations
@@ -86,8 +94,11 @@ def run_case(n: int, k: int, heads: int, iters: int, device: str, stop_rule: boo
         **totals,
         "seconds": sum(totals.values()),
         "clusters_used_min": min(clusters_used),
+        "cpu_seconds": cpu,
     }
     out["eff_gbs"] = 2 * matrix * used_iters / totals["iterate"] / 1e9
+    out["overhead_over_100"] = (totals["prep"] + totals["argmax"]) / (totals["iterate"] / used_iters * 100 * heads)
+    out["fused_over_two_gemv"] = totals["iterate"] / used_iters / _two_gemv_seconds(buf, device)
     if device == "cuda":
         out["peak_over_matrix"] = torch.cuda.max_memory_allocated() / matrix
     else:
@@ -96,6 +107,19 @@ def run_case(n: int, k: int, heads: int, iters: int, device: str, stop_rule: boo
         fill_scores_(buf, seed=0)
         out["stop_rule_iterations"] = sinkhorn(buf, 20.0, inplace=True).iterations
     return out
+
+
+def _two_gemv_seconds(p: torch.Tensor, device: str, iters: int = 5) -> float:
+    """Best seconds of one iteration as the previous implementation ran it: two GEMVs over the whole matrix."""
+    beta = torch.full((p.shape[0],), 1.0 / p.shape[0], device=device)
+    r = torch.full((p.shape[1],), 1.0 / p.shape[1], device=device)
+    best = float("inf")
+    for _ in range(iters):
+        t = _sync_now(device)
+        alpha = r / (beta @ p)
+        beta = (1.0 / p.shape[0]) / (p @ alpha)
+        best = min(best, _sync_now(device) - t)
+    return best
 
 
 def _reset_peak_rss() -> None:
@@ -121,13 +145,15 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=3)
     ap.add_argument("--iters", type=int, default=100)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--stop-rule", action="store_true", help="every head stops by SeLaVi's rule, not --iters")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one case in this process, print JSON
     ap.add_argument("--device", default="cpu", help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.one:
         n, k = (int(v) for v in args.one.split("x"))
-        print(json.dumps(run_case(n, k, args.heads, args.iters, args.device, stop_rule=n <= 200_000)))
+        stop_rule = n <= 200_000 and not args.stop_rule
+        print(json.dumps(run_case(n, k, args.heads, args.iters, args.device, stop_rule, args.stop_rule)))
         return
 
     bw = {"cpu": copy_bandwidth("cpu")}
@@ -137,7 +163,10 @@ def main() -> None:
         cases.append(("1000000x3000", "cuda"))
     load = os.getloadavg()[0]
     print(f"load average {load:.1f} on {os.cpu_count()} cores, torch threads {args.threads}", file=sys.stderr)
-    print("case              dev   s total  prep  iter  argmax  iters  GB/s  ÷copy ÷gemv  peak÷matrix  stop-rule iters")
+    print(
+        "case              dev   s total  s cpu  prep  iter  argmax  iters  GB/s  ÷copy ÷gemv  ÷2gemv  "
+        "(prep+argmax)÷100it  peak÷matrix  stop-rule iters"
+    )
     for case, device in cases:
         cmd = [
             sys.executable,
@@ -152,6 +181,7 @@ def main() -> None:
             str(args.iters),
             "--threads",
             str(args.threads),
+            *(["--stop-rule"] if args.stop_rule else []),
         ]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
         if proc.returncode != 0:
@@ -161,10 +191,12 @@ def main() -> None:
         b = bw[device]
         name = f"{case} x{r['heads']}"
         print(
-            f"{name:<17} {device:<5} {r['seconds']:7.2f} {r['prep']:5.2f} {r['iterate']:5.2f} {r['argmax']:6.2f} "
-            f"{r['iterations']:6d} {r['eff_gbs']:5.1f} {r['eff_gbs'] / b['copy_gbs']:6.2f} "
-            f"{r['eff_gbs'] / b['gemv_gbs']:5.2f} {r['peak_over_matrix']:11.2f}  {r.get('stop_rule_iterations', '-')}"
+            f"{name:<17} {device:<5} {r['seconds']:7.2f} {r['cpu_seconds']:6.1f} {r['prep']:5.2f} {r['iterate']:5.2f} "
+            f"{r['argmax']:6.2f} {r['iterations']:6d} {r['eff_gbs']:5.1f} {r['eff_gbs'] / b['copy_gbs']:6.2f} "
+            f"{r['eff_gbs'] / b['gemv_gbs']:5.2f} {r['fused_over_two_gemv']:7.2f}  {r['overhead_over_100']:19.2f}  "
+            f"{r['peak_over_matrix']:11.2f}  {r.get('stop_rule_iterations', '-')}"
         )
+    print(f"load average {os.getloadavg()[0]:.1f} at the end", file=sys.stderr)
     for device, b in bw.items():
         print(f"{device}: copy {b['copy_gbs']:.1f} GB/s (read+write), GEMV {b['gemv_gbs']:.1f} GB/s (read)")
 

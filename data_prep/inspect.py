@@ -12,7 +12,8 @@ from pathlib import Path
 import soundfile
 from tqdm import tqdm
 
-from data_prep.build import FORMAT_NAME, FORMAT_VERSION
+from data_prep.build import AUDIO_TOLERANCE_S
+from data_prep.shards import read_dataset_json
 
 SAMPLE_FIELDS = {
     "id": str,
@@ -32,7 +33,6 @@ SAMPLE_FIELDS = {
 }
 AUDIO_EXTENSIONS = ("flac", "wav")
 FRAME_TOLERANCE = 1  # decoded frames may differ from num_frames by this much
-AUDIO_TOLERANCE_S = 0.1  # audio length vs duration (+ 1.5 video frames: the video ends on a frame boundary)
 
 
 @dataclass
@@ -47,6 +47,7 @@ class InspectReport:
     captions: int = 0
     decoded: int = 0
     failures: int = 0
+    kept: int = 0
     errors: list[str] = field(default_factory=list)
 
     @property
@@ -62,7 +63,8 @@ class InspectReport:
             f"samples      {self.samples} ({self.with_audio} with audio), {self.seconds / 3600:.3f} h",
             f"captions     {self.captions}",
             f"decoded      {self.decoded} samples checked with decord",
-            f"failures     {self.failures} inputs skipped at build time (failures.jsonl)",
+            f"failures     {self.failures} inputs skipped at build time, {self.kept} kept despite a problem "
+            "(failures.jsonl)",
         ]
         lines += [f"  error: {e}" for e in self.errors[:max_errors]]
         if len(self.errors) > max_errors:
@@ -71,31 +73,38 @@ class InspectReport:
 
 
 def inspect_dataset(dir: str | os.PathLike, *, decode: int = 8) -> InspectReport:
-    """Validate the dataset at `dir`; decode the first `decode` samples' video and audio. Never raises on bad data."""
+    """Validate the dataset at `dir`; decode `decode` samples spread evenly over it. Never raises on bad data.
+
+    The decoded samples are those at positions `k * total // n` (k < n = min(decode, total)) in dataset.json's
+    shard order, so every shard gets its share and the same dataset is always checked the same way.
+    """
     root = Path(dir)
     report = InspectReport(str(root))
     meta = _read_dataset_json(root, report)
     if meta is None:
         return report
-    report.failures = _count_lines(root / "failures.jsonl")
+    report.failures, report.kept = _count_failures(root / "failures.jsonl")
     keys: set[str] = set()
-    to_decode = decode
+    total = sum(entry["samples"] for entry in meta["shards"])
+    n = max(0, min(decode, total))  # more than there are: decode every sample
+    picked = {k * total // n for k in range(n)}
+    offset = 0
     for entry in tqdm(meta["shards"], desc="inspect", unit="shard", leave=False):
+        first, offset = offset, offset + entry["samples"]
         samples = _read_shard(root / "shards" / entry["name"], report)
         if samples is None:
             continue
         report.shards += 1
         if len(samples) != entry["samples"]:
             report.errors.append(f"{entry['name']}: {len(samples)} samples, dataset.json says {entry['samples']}")
-        for key, files in samples.items():
+        for position, (key, files) in enumerate(samples.items(), start=first):
             where = f"{entry['name']}:{key}"
             if key in keys:
                 report.errors.append(f"{where}: key appears in more than one shard")
             keys.add(key)
             sample = _check_sample(where, key, files, report, meta)
-            if sample is not None and to_decode > 0:
+            if sample is not None and position in picked:
                 _decode_sample(where, files, sample, report)
-                to_decode -= 1
     if not meta["shards"]:
         report.errors.append("dataset.json lists no shards (every input failed? see failures.jsonl)")
     if report.samples != meta["samples"]:
@@ -104,31 +113,56 @@ def inspect_dataset(dir: str | os.PathLike, *, decode: int = 8) -> InspectReport
 
 
 def _read_dataset_json(root: Path, report: InspectReport) -> dict | None:
-    path = root / "dataset.json"
-    if not path.is_file():
-        report.errors.append(f"{path} not found (not a dataset, or the build has not finished every part)")
-        return None
     try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        report.errors.append(f"dataset.json is not valid JSON: {e}")
-        return None
-    if meta.get("format") != FORMAT_NAME or meta.get("version") != FORMAT_VERSION:
-        found = (meta.get("format"), meta.get("version"))
-        report.errors.append(f"dataset.json: format/version {found}, expected {(FORMAT_NAME, FORMAT_VERSION)}")
+        meta = read_dataset_json(root)
+    except (ValueError, OSError) as e:
+        report.errors.append(str(e))
         return None
     missing = [k for k in ("shards", "samples", "seconds", "video", "audio", "prep") if k not in meta]
     if missing:
         report.errors.append(f"dataset.json lacks {missing}")
         return None
+    bad = [
+        e
+        for e in meta["shards"]
+        if not (isinstance(e, dict) and isinstance(e.get("name"), str) and _is_int(e.get("samples")))
+        or e["samples"] < 0
+    ]
+    if bad:
+        report.errors.append(f"dataset.json: shard entries need a name and a sample count, got {bad[0]!r}")
+        return None
+    if not isinstance(meta["audio"], dict) or not _is_int(meta["samples"]):
+        report.errors.append(f"dataset.json: bad 'audio' {meta['audio']!r} or 'samples' {meta['samples']!r}")
+        return None
     return meta
 
 
-def _count_lines(path: Path) -> int:
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _count_failures(path: Path) -> tuple[int, int]:
+    """(skipped, kept) rows of failures.jsonl; a line that is not a JSON object counts as skipped."""
+    skipped = kept = 0
     if not path.exists():
-        return 0
-    with open(path, encoding="utf-8") as f:
-        return sum(1 for line in f if line.strip())
+        return 0, 0
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                row = None
+            if isinstance(row, dict) and row.get("kept") is True:
+                kept += 1
+            else:
+                skipped += 1
+    return skipped, kept
 
 
 def _read_shard(path: Path, report: InspectReport) -> dict[str, dict[str, bytes]] | None:
@@ -160,6 +194,9 @@ def _check_sample(where: str, key: str, files: dict[str, bytes], report, meta: d
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         report.errors.append(f"{where}.json: invalid JSON ({e})")
         return None
+    if not isinstance(sample, dict):
+        report.errors.append(f"{where}.json: expected a JSON object, got {type(sample).__name__} {sample!r:.80}")
+        return None
     problems = [f"{k} missing" for k in SAMPLE_FIELDS if k not in sample]
     problems += [
         f"{k}={sample[k]!r} has the wrong type"
@@ -187,13 +224,14 @@ def _semantic_problems(key: str, files: dict[str, bytes], sample: dict, meta: di
         problems.append("has_audio is true but there is no audio member")
     if not sample["has_audio"] and audio:
         problems.append(f"has_audio is false but there is a .{audio[0]} member")
-    if sample["has_audio"] and sample["sample_rate"] != meta["audio"]["sample_rate"]:
-        problems.append(f"sample_rate {sample['sample_rate']} != dataset {meta['audio']['sample_rate']}")
+    if sample["has_audio"] and sample["sample_rate"] != meta["audio"].get("sample_rate"):
+        problems.append(f"sample_rate {sample['sample_rate']} != dataset {meta['audio'].get('sample_rate')}")
     if sample["num_frames"] < 1 or sample["width"] < 2 or sample["height"] < 2:
         problems.append(f"empty video ({sample['num_frames']} frames, {sample['width']}x{sample['height']})")
     for c in sample["captions"]:
-        if not (isinstance(c, dict) and isinstance(c.get("text"), str) and 0 <= c.get("start", -1) <= c.get("end", -1)):
-            problems.append(f"bad caption {c!r}")
+        timed = isinstance(c, dict) and _is_number(c.get("start")) and _is_number(c.get("end"))
+        if not (timed and isinstance(c.get("text"), str) and 0 <= c["start"] <= c["end"]):
+            problems.append(f"bad caption {c!r:.120} (needs numbers 0 <= start <= end and a text string)")
         elif c["end"] > sample["duration"] + 1e-3:
             problems.append(f"caption ends at {c['end']} s, after the chunk ({sample['duration']} s)")
     return problems

@@ -53,6 +53,7 @@ class MediaInfo:
     frames: int  # from the container header; 0 when the container does not say
     rotation: int
     has_audio: bool
+    video_start: float = 0.0  # seconds from the container's start to the video stream's (audio may come first)
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,7 @@ class ChunkMedia:
     width: int
     height: int
     audio_seconds: float
+    dropped: tuple[str, str] | None = None  # (reason, detail) when the source's audio was left out of the chunk
 
 
 def probe_media(path: str) -> MediaInfo:
@@ -95,6 +97,7 @@ def probe_media(path: str) -> MediaInfo:
             raise MediaError(NOT_MEDIA, f"a still image ({stream.codec_context.name})")
         first = _first_frame(container, stream)
         duration = _duration(container, stream)
+        video_start = _video_start(container, stream)
         rate = stream.average_rate or stream.guessed_rate or Fraction(0)
         return MediaInfo(
             duration=duration,
@@ -105,6 +108,7 @@ def probe_media(path: str) -> MediaInfo:
             frames=int(stream.frames or 0),
             rotation=int(getattr(first, "rotation", 0) or 0),
             has_audio=bool(container.streams.audio),
+            video_start=video_start,
         )
 
 
@@ -123,6 +127,14 @@ def _duration(container, stream) -> float:
     if container.duration is not None:
         return container.duration / av.time_base
     raise MediaError(UNREADABLE, "unknown duration")
+
+
+def _video_start(container, stream) -> float:
+    """How long after the container's start the video begins (ffmpeg's `-ss` counts from the container's start)."""
+    if stream.start_time is None or stream.time_base is None:
+        return 0.0
+    origin = container.start_time / av.time_base if container.start_time is not None else 0.0
+    return round(max(0.0, float(stream.start_time * stream.time_base) - origin), 6)
 
 
 def ffmpeg_argv(
@@ -152,8 +164,10 @@ def ffmpeg_argv(
     argv += ["-fflags", "+bitexact", "-flags:v", "+bitexact", "-movflags", "+faststart", video_out]
     if audio_out is not None:
         codec = "flac" if audio_format == "flac" else "pcm_s16le"
-        # apad + -t: audio spans the whole chunk even where the source's audio track ends early (alignment).
-        argv += ["-map", "0:a:0", "-vn", "-sn", "-dn", "-af", "apad", "-t", f"{duration:.6f}"]
+        # Alignment: aresample's async + first_pts=0 pads silence where the audio starts after the chunk does
+        # (and fills timestamp gaps); apad + -t make it span the chunk where the audio track ends early.
+        audio_filter = "aresample=async=1:first_pts=0,apad"
+        argv += ["-map", "0:a:0", "-vn", "-sn", "-dn", "-af", audio_filter, "-t", f"{duration:.6f}"]
         argv += ["-ac", "1", "-ar", str(sample_rate), "-c:a", codec]
         argv += ["-map_metadata", "-1", "-map_chapters", "-1", "-fflags", "+bitexact", "-flags:a", "+bitexact"]
         argv += [audio_out]
@@ -210,6 +224,14 @@ def transcode_chunk(
         if info.frames == 0:
             audio = None  # the audio track ended before this chunk: treat the chunk as silent-less
     return ChunkMedia(video, audio, fps, num_frames, width, height, audio_seconds)
+
+
+def trim_audio(data: bytes, seconds: float, audio_format: str) -> bytes:
+    """Cut encoded mono audio (flac or wav, 16-bit) to its first `seconds`, re-encoded in the same format."""
+    samples, rate = soundfile.read(io.BytesIO(data), dtype="int16")
+    out = io.BytesIO()
+    soundfile.write(out, samples[: round(seconds * rate)], rate, format=audio_format.upper(), subtype="PCM_16")
+    return out.getvalue()
 
 
 def _measure_video(data: bytes) -> tuple[int, int, int]:

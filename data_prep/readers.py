@@ -2,8 +2,9 @@
 
 `read_sources` is the one entry point the builder calls. Readers only check that files exist; probing
 and decoding happen in the builder. Inputs that cannot be used become `Failure`s with a short reason:
-`missing_file`, `duplicate_id`, `bad_row`. Rows of other splits (the `split` filter) are left out,
-counted and logged, not failed.
+`missing_file`, `duplicate_id`, `bad_row`. A caption sidecar with nothing usable in it keeps its video
+(without those captions) and adds a kept `bad_captions` entry to `SourceList.warnings`. Rows of other
+splits (the `split` filter) are left out, counted and logged, not failed.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ MANIFEST_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json")
 MANIFEST_COLUMNS = ("id", "path", "start", "end", "label", "caption", "split")
 JSONL_ONLY_KEYS = ("captions",)
 FORMATS = ("auto", "dir", "manifest", *adapters.ADAPTERS)
+BAD_CAPTIONS = "bad_captions"
 
 
 def read_sources(
@@ -61,14 +63,18 @@ def read_sources(
         raise ValueError(f"videos root is not a directory: {root}")
     if fmt in adapters.ADAPTERS:
         if not input.is_file():
-            raise ValueError(f"fmt={fmt!r} expects the corpus annotation file, got a directory: {input}")
+            raise ValueError(
+                f"--format {fmt} (fmt={fmt!r}) expects the corpus annotation file, got a directory: {input}"
+            )
         sources, left_out = adapters.ADAPTERS[fmt](input, videos=root or input.parent, split=split)
     else:
         manifest = _find_manifest(input, fmt)
         if manifest is not None:
             sources, left_out = read_manifest(manifest, split=split, videos=root)
         elif root is not None:
-            raise ValueError(f"videos={str(videos)!r} only applies to a manifest or a corpus file, not a folder scan")
+            raise ValueError(
+                f"--videos-root (videos={str(videos)!r}) only applies to a manifest or a corpus file, not a folder scan"
+            )
         else:
             sources, left_out = read_directory(input, split=split)
     _log_summary(input, sources, left_out, split)
@@ -78,11 +84,11 @@ def read_sources(
 def _find_manifest(input: Path, fmt: str) -> Path | None:
     if input.is_file():
         if fmt == "dir":
-            raise ValueError(f"fmt='dir' expects a directory, got a file: {input}")
+            raise ValueError(f"--format dir expects a directory, got a file: {input}")
         if input.suffix.lower() not in MANIFEST_SUFFIXES:
             raise ValueError(
                 f"cannot tell the format of {input}: a manifest is {'/'.join(MANIFEST_SUFFIXES)}; for a corpus "
-                f"annotation file pass fmt= one of {', '.join(adapters.ADAPTERS)}"
+                f"annotation file pass --format (fmt=) one of {', '.join(adapters.ADAPTERS)}"
             )
         return input
     if fmt == "dir":
@@ -91,7 +97,7 @@ def _find_manifest(input: Path, fmt: str) -> Path | None:
     if len(found) > 1:
         raise ValueError(f"{input} has both {MANIFEST_NAMES[0]} and {MANIFEST_NAMES[1]}: pass the one to use")
     if not found and fmt == "manifest":
-        raise ValueError(f"fmt='manifest' but {input} has no {' or '.join(MANIFEST_NAMES)}")
+        raise ValueError(f"--format manifest but {input} has no {' or '.join(MANIFEST_NAMES)}")
     return found[0] if found else None
 
 
@@ -111,7 +117,7 @@ def read_directory(root: Path, *, split: str | None = None) -> tuple[SourceList,
             sources.failures.append(Failure(str(path), "duplicate_id", f"id {vid!r} is taken by a same-stem file"))
             continue
         seen.add(vid)
-        captions, label = _with_sidecar(path, [], None, listings)
+        captions, label = _with_sidecar(path, [], None, listings, sources.warnings)
         sources.items.append(SourceItem(id=vid, path=os.path.abspath(path), captions=captions, label=label))
     return sources, 0
 
@@ -126,7 +132,7 @@ def read_manifest(manifest: Path, *, split: str | None = None, videos: Path | No
             left_out += 1
             continue
         unit = "row" if manifest.suffix.lower() == ".json" else "line"
-        result = _manifest_item(row, f"{manifest.name} {unit} {line}", base, seen, listings)
+        result = _manifest_item(row, f"{manifest.name} {unit} {line}", base, seen, listings, sources.warnings)
         (sources.items if isinstance(result, SourceItem) else sources.failures).append(result)
     return sources, left_out
 
@@ -175,8 +181,8 @@ def _json_rows(manifest: Path, text: str, sources: SourceList) -> list[tuple[int
             raise ValueError(f"{manifest}: not valid JSON: {e}") from e
         if not isinstance(data, list):
             raise ValueError(
-                f"{manifest}: a JSON manifest is a list of rows; for a corpus annotation file pass fmt= one of "
-                f"{', '.join(adapters.ADAPTERS)}"
+                f"{manifest}: a JSON manifest is a list of rows; for a corpus annotation file pass --format "
+                f"(fmt=) one of {', '.join(adapters.ADAPTERS)}"
             )
         return list(enumerate(data, start=1))
     rows = []
@@ -196,7 +202,7 @@ def _check_columns(manifest: Path, names: list[str], allowed: tuple[str, ...], l
         if name not in allowed:
             where = f" (first in row/line {lines[name]})" if lines else ""
             hint = adapters.guess_format(names)
-            hint = f"; this looks like a {hint} file: pass fmt={hint!r}" if hint else ""
+            hint = f"; this looks like a {hint} file: pass --format {hint} (fmt={hint!r})" if hint else ""
             raise ValueError(
                 f"{manifest}: unknown manifest column {name!r}{where}; allowed: {', '.join(allowed)}{hint}"
             )
@@ -205,7 +211,9 @@ def _check_columns(manifest: Path, names: list[str], allowed: tuple[str, ...], l
             raise ValueError(f"{manifest}: manifest has no {name!r} column (columns: {', '.join(names)})")
 
 
-def _manifest_item(row: dict, where: str, base: Path, seen: set[str], listings: dict) -> SourceItem | Failure:
+def _manifest_item(
+    row: dict, where: str, base: Path, seen: set[str], listings: dict, warnings: list[Failure]
+) -> SourceItem | Failure:
     vid, rel = _text(row.get("id")), _text(row.get("path"))
     if not vid or not rel:
         return Failure(rel or where, "bad_row", f"{where}: empty {'id' if not vid else 'path'}")
@@ -228,7 +236,7 @@ def _manifest_item(row: dict, where: str, base: Path, seen: set[str], listings: 
     caption = _text(row.get("caption"))
     if caption:
         captions.append(Caption(start or 0.0, WHOLE_VIDEO_END if end is None else end, " ".join(caption.split())))
-    captions, label = _with_sidecar(path, captions, _text(row.get("label")) or None, listings)
+    captions, label = _with_sidecar(path, captions, _text(row.get("label")) or None, listings, warnings)
     split = normalize_split(_text(row.get("split")) or None)
     return SourceItem(id=vid, path=str(path), start=start, end=end, captions=captions, label=label, split=split)
 
@@ -260,14 +268,22 @@ def _resolve(base: Path, rel: str) -> Path | None:
 
 
 def _with_sidecar(
-    video: Path, captions: list[Caption], label: str | None, listings: dict
+    video: Path, captions: list[Caption], label: str | None, listings: dict, warnings: list[Failure]
 ) -> tuple[tuple[Caption, ...], str | None]:
-    """Add the captions (and JSON label, unless one is given) of the sidecar next to `video`."""
+    """Add the captions (and JSON label, unless one is given) of the sidecar next to `video`.
+
+    A sidecar with nothing usable (empty, unreadable, every block malformed) adds a kept `bad_captions`
+    warning; a Latin-1 file that decodes is fine (the fallback is only logged).
+    """
     sidecar = find_caption_sidecar(video, listings)
     if sidecar is not None:
         parsed = parse_caption_file(sidecar)
         captions = captions + parsed.captions
         label = label if label is not None else parsed.label
+        if not parsed.captions:
+            why = parsed.error or (f"{parsed.skipped} malformed block(s)" if parsed.skipped else "no caption in it")
+            detail = f"caption sidecar {sidecar.name}: {why}; the video was kept without those captions"
+            warnings.append(Failure(os.path.abspath(video), BAD_CAPTIONS, detail, kept=True))
     captions.sort(key=lambda c: (c.start, c.end))
     return tuple(captions), label
 
@@ -276,13 +292,14 @@ def _log_summary(input: Path, sources: SourceList, left_out: int, split: str | N
     reasons = Counter(f.reason for f in sources.failures)
     captioned = sum(1 for item in sources.items if item.captions)
     log.info(
-        "%s: %d item(s) (%d with captions), %d failure(s)%s%s",
+        "%s: %d item(s) (%d with captions), %d failure(s)%s%s%s",
         input,
         len(sources.items),
         captioned,
         len(sources.failures),
         f" {dict(reasons)}" if reasons else "",
         f", {left_out} left out (split != {split!r})" if left_out else "",
+        f", {len(sources.warnings)} unusable caption sidecar(s)" if sources.warnings else "",
     )
     for failure in sources.failures[:5]:
         log.warning("skipped %s: %s (%s)", failure.source, failure.reason, failure.detail)

@@ -39,22 +39,35 @@ class SourceItem:
 
 @dataclass(frozen=True)
 class Failure:
-    """An input that was skipped, with a short machine-readable reason and a human-readable detail."""
+    """An input that was skipped (or, with `kept`, converted despite a problem), with a reason and a detail.
+
+    `reason` is short and machine-readable; `detail` is for people. A kept one (e.g. `bad_captions`: the
+    video became a sample without its unusable captions) is listed in failures.jsonl with `"kept": true`.
+    """
 
     source: str
     reason: str
     detail: str = ""
+    kept: bool = False
 
     def to_json(self) -> dict:
-        return {"source": self.source, "reason": self.reason, "detail": self.detail}
+        row = {"source": self.source, "reason": self.reason, "detail": self.detail}
+        if self.kept:
+            row["kept"] = True
+        return row
 
 
 @dataclass
 class SourceList:
-    """Everything a reader produced: the usable items and the inputs it skipped."""
+    """Everything a reader produced: the usable items, the inputs it skipped, and problems with kept items.
+
+    `warnings` are kept `Failure`s about an item that is still used (a caption sidecar with nothing
+    usable in it: reason `bad_captions`); their `source` is the item's `path`.
+    """
 
     items: list[SourceItem] = field(default_factory=list)
     failures: list[Failure] = field(default_factory=list)
+    warnings: list[Failure] = field(default_factory=list)
 
 
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".mov", ".avi", ".m4v", ".mpg", ".mpeg", ".flv", ".3gp")

@@ -521,11 +521,19 @@ def _summary(out: Path, plans: list[VideoPlan], splits: list[str], written: int,
     }
 
 
+def format_summary(s: dict) -> str:
+    """The one-screen summary of a `make_synth_corpus` result (what `vatp data synth` prints)."""
+    lines = [
+        f"synth corpus {s['out']}",
+        f"videos       {s['videos']} ({s['written']} written, {s['skipped']} already there), {s['classes']} classes",
+        f"seconds      {s['seconds']:.0f} s of video",
+        f"splits       {' / '.join(f'{k} {v}' for k, v in s['splits'].items())}",
+        f"captions     {s['captions']} ({s['filler']} filler, {s['mistimed']} mistimed)",
+        f"elapsed      {s['elapsed']:.1f} s, {s['videos_per_s']:.2f} videos/s on {s['workers']} worker(s)",
+    ]
+    return "\n".join(lines)
+
+
 def _log_summary(s: dict) -> None:
-    log.info(
-        "synth corpus %s: %d videos (%d written, %d already there), %d classes, %.0f s of video\n"
-        "  splits: %s\n  captions: %d (%d filler, %d mistimed)\n  elapsed %.1f s, %.2f videos/s on %d workers",
-        s["out"], s["videos"], s["written"], s["skipped"], s["classes"], s["seconds"],
-        " / ".join(f"{k} {v}" for k, v in s["splits"].items()), s["captions"], s["filler"], s["mistimed"],
-        s["elapsed"], s["videos_per_s"], s["workers"],
-    )  # fmt: skip
+    # Debug level: the CLI prints the same summary on stdout, and a library caller has the returned dict.
+    log.debug("%s", format_summary(s))

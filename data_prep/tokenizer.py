@@ -9,16 +9,15 @@ tokens and need no sentence markers). Text is NFKC-normalised and case-folded (`
 from __future__ import annotations
 
 import io
-import json
 import logging
 import os
-import tarfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import sentencepiece as spm
 import torch
 from tqdm import tqdm
+
+from data_prep.shards import iter_json_members
 
 log = logging.getLogger(__name__)
 
@@ -91,34 +90,16 @@ def train_tokenizer(
 
 
 def _read_captions(shards: list[Path]) -> tuple[list[str], dict[str, int]]:
-    texts, stats = [], {"samples": 0, "bad_json": 0}
+    texts, samples, bad = [], 0, []
     for shard in tqdm(shards, desc="tokenizer: read", unit="shard", leave=False, disable=None):
-        for meta in _json_members(shard, stats):
-            stats["samples"] += 1
-            for caption in meta.get("captions") or []:
+        for _, meta in iter_json_members(shard, bad=bad):
+            samples += 1
+            captions = meta.get("captions")
+            for caption in captions if isinstance(captions, list) else []:
                 text = caption.get("text") if isinstance(caption, dict) else None
                 if isinstance(text, str) and text.strip():
                     texts.append(" ".join(text.split()))  # a newline would split one sentence in two
-    return texts, stats
-
-
-def _json_members(shard: Path, stats: dict[str, int]) -> Iterator[dict]:
-    try:
-        with tarfile.open(shard, "r|") as tar:  # stream: one sequential pass, no member index
-            for member in tar:
-                if not member.isfile() or not member.name.endswith(".json"):
-                    continue
-                f = tar.extractfile(member)
-                try:
-                    meta = json.loads(f.read()) if f is not None else None
-                except (json.JSONDecodeError, UnicodeDecodeError):
-                    meta = None
-                if isinstance(meta, dict):
-                    yield meta
-                else:
-                    stats["bad_json"] += 1
-    except tarfile.TarError as e:
-        raise ValueError(f"{shard}: not a readable tar file: {e}") from e
+    return texts, {"samples": samples, "bad_json": len(bad)}
 
 
 def load_tokenizer(path: str | Path) -> spm.SentencePieceProcessor:

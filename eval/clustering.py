@@ -277,30 +277,35 @@ def cluster_embeddings(
         a = emb.arrays.get("audio_logits")
         if v is None and a is None:
             raise ValueError(f"{emb.root}: no video_logits.npy / audio_logits.npy (model without self-label heads)")
-        per_head = heads_argmax(v if v is not None else a, a if v is not None else None)  # (H, N)
+        logits = v if v is not None else a
+        per_head = heads_argmax(logits, a if v is not None else None)  # (H, N)
         assign, centroids = per_head[0], None
-        summary.update(k=int(per_head.max()) + 1, heads=int(per_head.shape[0]))
+        summary.update(k=int(logits.shape[-1]), heads=int(per_head.shape[0]), head=0)
     else:
         raise ValueError(f"cluster method must be 'kmeans' or 'heads', got {method!r}")
     labels, names = emb.labels()
     known = labels >= 0
-    summary["sizes"] = cluster_sizes(assign, summary["k"])
     if method == "heads" and known.any():
         # SeLaVi reports the head with the best NMI against the labels; all heads are listed.
         nmis = [cluster_metrics(h[known], labels[known])["nmi"] for h in per_head]
         best = int(np.argmax(nmis))
         assign, summary["head"], summary["head_nmi"] = per_head[best], best, nmis
+    summary["sizes"] = cluster_sizes(assign, summary["k"])  # of the head reported
     if known.any():
         summary["metrics"] = cluster_metrics(assign[known], labels[known])
-        summary["naming"] = _naming(assign, labels, x, centroids, shots, seed)
+        summary["naming"], skipped = _naming(assign, labels, x, centroids, shots, seed)
+        if skipped:
+            summary["naming_skipped"] = skipped
         summary["labelled"] = int(known.sum())
     summary["label_names"] = names
     return summary, assign
 
 
-def _naming(assign, labels, x, centroids, shots, seed) -> dict:
-    """Naming accuracy with every label ("all", an upper bound) and with `s` labelled shots per class."""
+def _naming(assign, labels, x, centroids, shots, seed) -> tuple[dict, dict[str, str]]:
+    """Naming accuracy with every label ("all", an upper bound) and with `s` labelled shots per class; and the
+    k-shot namings skipped, with why."""
     out = {"all": {m: naming_accuracy(assign, name_clusters(assign, labels, m), labels) for m in NAMINGS}}
+    skipped: dict[str, str] = {}
     if centroids is None:  # self-label heads: use the mean of each cluster's members
         k = int(assign.max()) + 1
         empty = np.zeros(x.shape[1], dtype=np.float32)
@@ -309,14 +314,17 @@ def _naming(assign, labels, x, centroids, shots, seed) -> dict:
         names, used = prototype_names(centroids, x, labels, s, seed=seed)
         left = np.ones(len(labels), dtype=bool)
         left[used] = False
-        if not (left & (labels >= 0)).any():  # classes too small: nothing left to score on
+        if not (left & (labels >= 0)).any():
+            why = f"every labelled video is one of the {s} shots of its class: none left to score on"
+            log.warning("%d-shot naming skipped: %s", s, why)
+            skipped[f"{s}-shot"] = why
             continue
         few = np.full_like(labels, -1)
         few[used] = labels[used]
         got = {m: naming_accuracy(assign, name_clusters(assign, few, m), labels, exclude=used) for m in NAMINGS}
         got["prototype"] = naming_accuracy(assign, names, labels, exclude=used)
         out[f"{s}-shot"] = got
-    return out
+    return out, skipped
 
 
 NAMINGS = ("majority", "hungarian")

@@ -1,14 +1,4 @@
-"""Embedding files: extract them from a dataset with a model (over all ranks, resumable) and read them back.
-
-Layout of an embedding directory (rows ordered by sample idx):
-
-    meta.jsonl               one line per video row: row, idx, id, label, captions, has_audio, windows
-    <modality>@<space>.npy   float16 (N, D), L2-normalised mean of the N windows' normalised embeddings
-    video@<space>.windows.npy  float16 (N, W, D) per-window embeddings (for time windows in search)
-    text@<space>.npy         float16 (C, D), one row per caption, videos in row order, captions in meta order
-    caption_video.npy        int64 (C,), the video row of each caption row
-    video_logits.npy, audio_logits.npy   float16 (H, N, K) self-label head logits (the heads read window 0)
-    embed.json               written last: what was embedded, and that the directory is complete
+"""Extract embeddings from a dataset with a model (over all ranks, resumable); the files are in eval/embed_files.py.
 
 Each rank writes `parts/rank<r>-<seq>.npz` files every few batches (atomically); a restarted run skips the
 samples whose idx is already in a part, and rank 0 merges the parts once every rank is done.
@@ -20,11 +10,10 @@ import functools
 import json
 import logging
 import os
-import shutil
 import tarfile
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,59 +21,16 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from eval import embed_files
+from eval.embed_files import COMPLETE, Embeddings, merge_parts, read_embeddings
+
 log = logging.getLogger(__name__)
 
-COMPLETE = "embed.json"
-
-
-@dataclass
-class Embeddings:
-    """An embedding directory in memory (arrays are memory-mapped, float16 on disk)."""
-
-    root: Path
-    meta: list[dict]
-    arrays: dict[str, np.ndarray]
-    caption_video: np.ndarray
-    info: dict = field(default_factory=dict)
-
-    def get(self, name: str) -> np.ndarray:
-        """Array `name` (e.g. "video@vt") as float32; ValueError listing what exists when absent."""
-        if name not in self.arrays:
-            raise ValueError(f"{self.root}: no {name}.npy (have: {', '.join(sorted(self.arrays)) or 'none'})")
-        return np.asarray(self.arrays[name], dtype=np.float32)
-
-    @property
-    def idx(self) -> np.ndarray:
-        return np.array([m["idx"] for m in self.meta], dtype=np.int64)
-
-    @property
-    def has_audio(self) -> np.ndarray:
-        return np.array([bool(m.get("has_audio", True)) for m in self.meta])
-
-    def labels(self, names: list[str] | None = None) -> tuple[np.ndarray, list[str]]:
-        """Integer class per row (-1 where unknown) and the class names (sorted, or `names` to share codes)."""
-        raw = [m.get("label") for m in self.meta]
-        names = names if names is not None else sorted({str(x) for x in raw if x is not None and x != -1})
-        code = {n: i for i, n in enumerate(names)}
-        return np.array([code.get(str(x), -1) if x is not None else -1 for x in raw], dtype=np.int64), names
-
-
-def read_embeddings(root: str | Path) -> Embeddings:
-    """Open an embedding directory written by `extract_embeddings`."""
-    root = Path(root)
-    if not (root / COMPLETE).is_file():
-        raise ValueError(f"{root} is not a complete embedding directory (no {COMPLETE}); run `vatp embed` first")
-    with open(root / "meta.jsonl", encoding="utf-8") as f:
-        meta = [json.loads(line) for line in f if line.strip()]
-    arrays = {p.name[:-4]: np.load(p, mmap_mode="r", allow_pickle=False) for p in sorted(root.glob("*.npy"))}
-    caption_video = np.asarray(arrays.pop("caption_video", np.zeros(0, dtype=np.int64)))
-    for name, a in arrays.items():
-        rows = a.shape[1] if name.endswith("_logits") else a.shape[0]
-        expect = len(caption_video) if name.startswith("text@") else len(meta)
-        if rows != expect:
-            raise ValueError(f"{root}/{name}.npy has {rows} rows, expected {expect}")
-    info = json.loads((root / COMPLETE).read_text(encoding="utf-8"))
-    return Embeddings(root, meta, arrays, caption_video, info)
+# The file side is re-exported: callers read and merge embedding directories through this module.
+__all__ = [
+    "COMPLETE", "Embeddings", "LoadedModel", "embed_dataset", "extract_embeddings", "load_model", "merge_parts",
+    "read_embeddings",
+]  # fmt: skip
 
 
 def average_windows(x: torch.Tensor) -> torch.Tensor:
@@ -103,17 +49,25 @@ class LoadedModel:
     path: str = ""
 
 
-def load_model(checkpoint: str | Path, *, tokenizer: str | Path | None = None, dict_path: str | Path | None = None):
+def load_model(
+    checkpoint: str | Path,
+    *,
+    tokenizer: str | Path | None = None,
+    dict_path: str | Path | None = None,
+    max_words: int = 16,
+    lowercase: bool = True,
+) -> LoadedModel:
     """An exported vatp model (dir with model.yaml) or the released `s3d_howto100m.pth` (with `dict_path`).
 
-    Our models tokenise text with the dataset's sentencepiece `tokenizer`; the released S3D uses its word list.
+    Our models tokenise text with the dataset's sentencepiece `tokenizer`; the released S3D uses its word list
+    (`max_words` words per sentence, 16 as released, 30 in MIL-NCE's evaluators; `lowercase` as released).
     """
     from models.s3d import load_s3d_howto100m
     from models.towers import load_exported
 
     checkpoint = Path(checkpoint)
     if checkpoint.suffix in (".pth", ".pt"):
-        model = load_s3d_howto100m(checkpoint, dict_path)
+        model = load_s3d_howto100m(checkpoint, dict_path, max_words=max_words, lowercase=lowercase)
         tok = _word_list_tokenizer(model) if model.text is not None else None
         return LoadedModel(model, model.input_contracts(), tok, "s3d_howto100m", str(checkpoint))
     if not checkpoint.exists():
@@ -167,6 +121,8 @@ def embed_dataset(
     from pipeline.data import DataConfig, DatasetSource, make_eval_loader, read_dataset_json, resolve_inputs
 
     out = Path(out)
+    if not Path(dataset, "dataset.json").is_file() and not Path(dataset, "shards").is_dir():
+        raise ValueError(f"dataset not found: {dataset} has no dataset.json and no shards/ (build it with `vatp data`)")
     if (out / COMPLETE).is_file():
         log.info("%s is already complete; delete it to embed again", out)
         return {"rows": len(read_embeddings(out).meta), "embedded": 0, "resumed": 0, "seconds": 0.0}
@@ -222,13 +178,24 @@ def add_window_times(out: str | Path, dataset: str | Path, clip_seconds: float, 
         if r["idx"] not in times:
             continue
         start, duration = times[r["idx"]]
-        starts = np.linspace(0, max(duration - clip_seconds, 0), windows) if windows else np.zeros(1)
+        starts = eval_window_starts(duration, clip_seconds, windows)
         length = min(clip_seconds, duration) if windows else duration
         r.update(start=start, duration=duration)
-        r["windows"] = [[round(start + s, 3), round(start + s + length, 3)] for s in starts.tolist()]
+        r["windows"] = [[round(start + s, 3), round(start + s + length, 3)] for s in starts]
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     os.replace(tmp, path)
+
+
+def eval_window_starts(duration: float, clip_seconds: float, windows: int) -> list[float]:
+    """Window starts (seconds into the sample) of the loader's eval views: `windows` evenly spaced clips, or one
+    clip at 0 covering the whole sample when `windows` is 0.
+
+    The same formula as pipeline/views.py `sample_eval`, which keeps it inline (no public helper to import yet).
+    """
+    if windows == 0:
+        return [0.0]
+    return np.linspace(0, max(duration - clip_seconds, 0), windows).tolist()
 
 
 def _embed_meta_captions(model: LoadedModel, out: Path) -> None:
@@ -236,7 +203,7 @@ def _embed_meta_captions(model: LoadedModel, out: Path) -> None:
     emb = read_embeddings(out)
     texts = [c for m in emb.meta for c in m.get("captions") or []]
     counts = [len(m.get("captions") or []) for m in emb.meta]
-    _save(out / "text@vt.npy", embed_texts(model, texts) if texts else np.zeros((0, 512)))
+    embed_files.save_array(out / "text@vt.npy", embed_texts(model, texts) if texts else np.zeros((0, 512)))
     np.save(out / "caption_video.npy", np.repeat(np.arange(len(counts)), counts).astype(np.int64))
 
 
@@ -261,14 +228,14 @@ def extract_embeddings(
     out = Path(out)
     parts = out / "parts"
     parts.mkdir(parents=True, exist_ok=True)
-    done = _done_idx(parts)
+    done = embed_files.done_idx(parts)  # sorted array, looked up with searchsorted per batch
     t0 = time.time()
     buf: list[dict] = []
     seq = len(list(parts.glob(f"rank{rank}-*.npz")))
     embedded = skipped = 0
     bar = tqdm(batches, desc=f"embed r{rank}", unit="batch", total=total, disable=rank != 0)
     for batch in bar:
-        keep = ~np.isin(batch["idx"].numpy(), list(done))
+        keep = ~embed_files.is_done(batch["idx"].numpy(), done)
         skipped += int((~keep).sum())
         if not keep.any():
             continue
@@ -276,10 +243,10 @@ def extract_embeddings(
         buf.append(rows)
         embedded += len(rows["idx"])
         if len(buf) >= flush_every:
-            _write_part(parts / f"rank{rank}-{seq:05d}", buf)
+            embed_files.write_part(parts / f"rank{rank}-{seq:05d}", buf)
             seq, buf = seq + 1, []
     if buf:
-        _write_part(parts / f"rank{rank}-{seq:05d}", buf)
+        embed_files.write_part(parts / f"rank{rank}-{seq:05d}", buf)
     if skipped:
         log.info("rank %d: %d samples already embedded by an earlier run, skipped", rank, skipped)
     _barrier(world_size)
@@ -343,79 +310,6 @@ def _select(batch: dict, keep: np.ndarray) -> dict:
         else:
             out[k] = v
     return out
-
-
-def _write_part(stem: Path, rows: list[dict]) -> None:
-    arrays: dict[str, np.ndarray] = {}
-    for name in rows[0]:
-        if name == "meta":
-            continue
-        axis = 1 if name.endswith("_logits") else 0
-        arrays[name] = np.concatenate([r[name] for r in rows], axis=axis)
-    arrays["meta"] = np.array(json.dumps([m for r in rows for m in r["meta"]]))
-    tmp = stem.with_name(f".{stem.name}.tmp")  # outside the rank*-*.npz pattern until complete
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-    os.replace(tmp, stem.with_suffix(".npz"))
-
-
-def _done_idx(parts: Path) -> set[int]:
-    done: set[int] = set()
-    for p in sorted(parts.glob("rank*-*.npz")):
-        with np.load(p, allow_pickle=False) as z:
-            done.update(z["idx"].tolist())
-    return done
-
-
-def merge_parts(out: str | Path, *, expected: int | None = None, info: dict | None = None) -> dict:
-    """Merge `out/parts/*.npz` into the final files (rows sorted by idx, duplicates dropped)."""
-    out = Path(out)
-    files = sorted((out / "parts").glob("rank*-*.npz"))
-    if not files:
-        raise ValueError(f"{out}/parts has no embedding parts: the loader yielded no samples")
-    loaded = []
-    for p in files:
-        with np.load(p, allow_pickle=False) as z:
-            loaded.append({k: z[k] for k in z.files})
-    idx = np.concatenate([z["idx"] for z in loaded])
-    meta = [m for z in loaded for m in json.loads(str(z["meta"]))]
-    order = np.argsort(idx, kind="stable")
-    uniq = np.concatenate([[True], np.diff(idx[order]) != 0])
-    dupes = int((~uniq).sum())
-    order = order[uniq]
-    if dupes:
-        log.warning("%d samples were embedded twice (overlapping ranks or resumed runs); kept the first", dupes)
-    names = sorted({k for z in loaded for k in z if k not in ("idx", "meta", "text_count")})
-    for name in names:
-        axis = 1 if name.endswith("_logits") else 0
-        if name.startswith("text@"):
-            continue
-        full = np.concatenate([z[name] for z in loaded], axis=axis)
-        _save(out / f"{name}.npy", np.take(full, order, axis=axis))
-    text_names = [n for n in names if n.startswith("text@")]
-    if text_names:
-        counts = np.concatenate([z["text_count"] for z in loaded])
-        offsets = np.concatenate([[0], np.cumsum(counts)])
-        rows = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in order]).astype(np.int64)
-        for name in text_names:
-            _save(out / f"{name}.npy", np.concatenate([z[name] for z in loaded])[rows])
-        np.save(out / "caption_video.npy", np.repeat(np.arange(len(order)), counts[order]).astype(np.int64))
-    with open(out / "meta.jsonl", "w", encoding="utf-8") as f:
-        for row, i in enumerate(order):
-            f.write(json.dumps({"row": row, **meta[i]}) + "\n")
-    if expected is not None and len(order) != expected:
-        log.warning("embedded %d samples but the dataset lists %d", len(order), expected)
-    summary = {"rows": int(len(order)), "duplicates": dupes, "arrays": names}
-    (out / COMPLETE).write_text(json.dumps({**(info or {}), **summary}, indent=1), encoding="utf-8")
-    shutil.rmtree(out / "parts")
-    return summary
-
-
-def _save(path: Path, a: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")  # not *.npy, so a crash never leaves a readable half-array
-    with open(tmp, "wb") as f:
-        np.save(f, a.astype(np.float16))
-    os.replace(tmp, path)
 
 
 def _barrier(world_size: int) -> None:

@@ -40,11 +40,22 @@ def set_threads(n: int | None = None) -> int:
 
 
 def as_float32(x: np.ndarray, name: str = "vectors") -> np.ndarray:
-    """C-contiguous float32 2-D copy-if-needed of `x` (FAISS takes nothing else)."""
+    """C-contiguous float32 2-D copy-if-needed of `x` (FAISS takes nothing else); NaN / inf is an error.
+
+    Non-finite vectors (a diverged model) would otherwise rank first: every comparison with NaN is False.
+    """
     x = np.asarray(x)
     if x.ndim != 2:
         raise ValueError(f"{name} must be 2-D (N, D), got shape {x.shape}")
-    return np.ascontiguousarray(x, dtype=np.float32)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    finite = np.isfinite(x).all(axis=1) if x.size else np.ones(len(x), dtype=bool)
+    if not finite.all():
+        bad = np.flatnonzero(~finite)
+        raise ValueError(
+            f"{name} has {len(bad)} of {len(x)} rows with NaN or inf (first: row {int(bad[0])}); "
+            "the model that produced them has probably diverged"
+        )
+    return x
 
 
 def build_index(

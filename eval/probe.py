@@ -93,12 +93,16 @@ def _check_labels(x: np.ndarray, y: np.ndarray, name: str) -> np.ndarray:
 def evaluate_classes(test, train=None, *, space: str = "video@vt", knn_k: int = 20, seed: int = 0) -> dict:
     """Video->video class retrieval (R@1/5/10/20/50), kNN and linear-probe accuracy from labelled embeddings.
 
-    `test` queries a `train` gallery (both Embeddings, sharing label names); without `train`, the labelled
-    rows of `test` are split 70/30 by a seeded permutation.
+    `test` queries a `train` gallery (both Embeddings); labels are coded over the union of both splits' class
+    names, so gallery videos of classes absent from the test split stay in as distractors. Without `train`,
+    the labelled rows of `test` are split 70/30 by a seeded permutation.
     """
     from eval.retrieval import class_retrieval
 
-    y_test, names = test.labels()
+    names = test.labels()[1]
+    if train is not None:
+        names = sorted(set(names) | set(train.labels()[1]))
+    y_test, _ = test.labels(names)
     x_test = test.get(space)
     if train is None:
         have = np.flatnonzero(y_test >= 0)

@@ -41,8 +41,8 @@ def retrieval_metrics(sim: np.ndarray, gt: Sequence[np.ndarray] | None = None) -
     sim = np.asarray(sim)
     if sim.ndim != 2:
         raise ValueError(f"sim must be 2-D (queries, gallery), got shape {sim.shape}")
-    if np.isnan(sim).any():
-        raise ValueError("sim contains NaN scores")
+    if not np.isfinite(sim).all():
+        raise ValueError("sim contains NaN or inf scores (a diverged model?)")
     ptr, idx = gt_to_csr(gt, *sim.shape)
     return metrics_from_ranks(_count_ranks(torch.from_numpy(sim.astype(np.float64)), ptr, idx, 0).numpy())
 
@@ -80,7 +80,8 @@ def gt_to_csr(gt: Sequence[np.ndarray] | None, num_queries: int, num_gallery: in
     if isinstance(gt, np.ndarray) and gt.ndim == 1 and np.issubdtype(gt.dtype, np.integer):
         counts, idx = np.ones(num_queries, dtype=np.int64), gt.astype(np.int64)  # one answer per query
     else:
-        lists = [np.atleast_1d(np.asarray(g, dtype=np.int64)) for g in gt]
+        # A repeated answer would count twice as "correct" and push the rank below 1.
+        lists = [np.unique(np.asarray(g, dtype=np.int64)) for g in gt]
         counts = np.array([len(g) for g in lists], dtype=np.int64)
         if (counts == 0).any():
             raise ValueError(f"query {int(np.argmin(counts))} has no correct gallery item")

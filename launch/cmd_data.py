@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-FORMATS = ("auto", "dir", "manifest", "howto100m", "kinetics", "vggsound", "msrvtt", "youcook2")
+from data_prep.readers import FORMATS
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -53,14 +53,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_synth(args: argparse.Namespace) -> int:
-    from data_prep.synth import make_synth_corpus
+    from data_prep.synth import format_summary, make_synth_corpus
 
     if args.videos < 1:
         raise ValueError(f"--videos must be >= 1, got {args.videos}")
     result = make_synth_corpus(args.out, videos=args.videos, seed=args.seed, seconds=args.seconds, workers=args.workers)
-    print(f"synth corpus  {args.out}")
-    for key, value in (result or {}).items():
-        print(f"  {key:<12} {value}")
+    print(format_summary(result))
     return 0
 
 

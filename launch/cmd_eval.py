@@ -23,6 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=2, help="loader worker processes per rank")
     p.add_argument("--tokenizer", default=None, help="sentencepiece model (default: <data>/tokenizer.model)")
     p.add_argument("--dict", default=None, help="word list s3d_dict.npy for the released S3D text tower")
+    _word_list_args(p)
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto")
     p.set_defaults(func=run_embed)
 
@@ -74,11 +75,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", required=True, help="the checkpoint the embeddings were made with")
     p.add_argument("--tokenizer", default=None, help="sentencepiece model (default: embed.json's dataset)")
     p.add_argument("--dict", default=None, help="word list for the released S3D")
+    _word_list_args(p)
     p.add_argument("--video", default=None, help="query clip instead of text")
     p.add_argument("--space", default="vt")
     p.add_argument("--k", type=int, default=5)
     p.add_argument("--json", action="store_true", help="print hits as JSON")
     p.set_defaults(func=run_search)
+
+
+def _word_list_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--max-words", type=int, default=16, help="released S3D: words per caption (16 as released; MIL-NCE evals: 30)"
+    )
+    p.add_argument("--keep-case", action="store_true", help="released S3D: do not lowercase captions")
 
 
 def run_embed(args: argparse.Namespace) -> int:
@@ -95,7 +104,8 @@ def run_embed(args: argparse.Namespace) -> int:
         torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     tokenizer = args.tokenizer or (Path(args.data) / "tokenizer.model")
     tokenizer = tokenizer if Path(tokenizer).is_file() else None
-    model = load_model(args.checkpoint, tokenizer=tokenizer, dict_path=args.dict)
+    words = {"max_words": args.max_words, "lowercase": not args.keep_case}
+    model = load_model(args.checkpoint, tokenizer=tokenizer, dict_path=args.dict, **words)
     summary = embed_dataset(
         model, args.data, args.out, windows=args.windows, batch_size=args.batch_size, num_workers=args.workers,
         rank=rank, world_size=world, device=device,
@@ -175,6 +185,8 @@ def run_cluster(args: argparse.Namespace) -> int:
         print(f"  {key:<10} {value:.4f}" if isinstance(value, float) else f"  {key:<10} {value}")
     for shots, accs in summary.get("naming", {}).items():
         print(f"  naming {shots:<8} " + "  ".join(f"{m} {a:5.1f}%" for m, a in accs.items()))
+    for shots, why in summary.get("naming_skipped", {}).items():
+        print(f"  naming {shots:<8} skipped: {why}")
     return 0
 
 
@@ -221,7 +233,8 @@ def run_search(args: argparse.Namespace) -> int:
     if tokenizer is None and emb.info.get("dataset"):
         guess = Path(emb.info["dataset"]) / "tokenizer.model"
         tokenizer = guess if guess.is_file() else None
-    model = load_model(args.checkpoint, tokenizer=tokenizer, dict_path=args.dict)
+    words = {"max_words": args.max_words, "lowercase": not args.keep_case}
+    model = load_model(args.checkpoint, tokenizer=tokenizer, dict_path=args.dict, **words)
     if args.video:
         query = video_query(model, args.video, space=args.space, windows=int(emb.info.get("windows") or 4))
     else:

@@ -5,7 +5,9 @@
   coarse space can read the fine space's un-normalised output.
 - `make_projection(kind, ...)`: "mlp" (the above) or "linear" (one Linear, GDT's no-MLP / MIL-NCE's fc).
 - `SelfLabelHeads`: H SeLaVi `MLPv2` heads (Dropout -> Linear(no bias) -> BN1d -> ReLU -> Dropout -> Linear(K)),
-  returning raw logits `(H, N, K)`.
+  returning raw logits `(H, N, K)`, their cluster axis reordered by the buffer `perm` (H, K) (identity at init).
+  SeLaVi aligns the audio heads' clusters with the video heads' at the first labelling by permuting the audio
+  head's output rows; here `set_permutation` stores that permutation, so it travels with `state_dict()` and exports.
 """
 
 from __future__ import annotations
@@ -38,7 +40,10 @@ def make_projection(kind: str, in_dim: int, out_dim: int, *, hidden: int = 512, 
 
 
 class SelfLabelHeads(nn.Module):
-    """`heads` independent SeLaVi cluster heads on one feature: `(N, in_dim) -> (H, N, clusters)` raw logits."""
+    """`heads` independent SeLaVi cluster heads on one feature: `(N, in_dim) -> (H, N, clusters)` raw logits.
+
+    Output column k of head h is the head's cluster `perm[h, k]` (`perm` is the identity until `set_permutation`).
+    """
 
     def __init__(self, in_dim: int, heads: int, clusters: int, *, hidden: int = 512, dropout: float = 0.3):
         super().__init__()
@@ -47,6 +52,22 @@ class SelfLabelHeads(nn.Module):
         self.heads = nn.ModuleList(
             ProjectionMLP(in_dim, clusters, hidden=hidden, dropout=dropout) for _ in range(heads)
         )
+        self.register_buffer("perm", torch.arange(clusters).repeat(heads, 1))  # (H, K)
+
+    def set_permutation(self, perm: Tensor) -> None:
+        """Store `perm` (H, K): output column k of head h becomes the head's own cluster `perm[h, k]`.
+
+        The stored permutation is replaced, not composed, so calling it twice with the same value is harmless.
+        """
+        perm = torch.as_tensor(perm, dtype=torch.int64)
+        h, k = self.perm.shape
+        if perm.shape != (h, k):
+            raise ValueError(f"cluster permutation must be (H={h}, K={k}), got {tuple(perm.shape)}")
+        if not torch.equal(perm.sort(dim=1).values.cpu(), torch.arange(k).repeat(h, 1)):
+            raise ValueError(f"each row of the cluster permutation must be a permutation of 0..{k - 1}")
+        self.perm.copy_(perm)
 
     def forward(self, x: Tensor) -> Tensor:
-        return torch.stack([head(x) for head in self.heads])  # (H, N, K)
+        logits = torch.stack([head(x) for head in self.heads])  # (H, N, K)
+        h, n, k = logits.shape
+        return torch.gather(logits, 2, self.perm[:, None, :].expand(h, n, k))  # (H, N, K), column k = cluster perm[k]

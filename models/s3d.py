@@ -10,6 +10,7 @@ the space-to-depth stem with its one-voxel crop.
 from __future__ import annotations
 
 import logging
+import pickle
 import re
 from pathlib import Path
 
@@ -156,6 +157,7 @@ class S3D(nn.Module):
         self.feature_dim = cin
         self.embed_dim = embed_dim
         self.fc = nn.Linear(cin, embed_dim) if embed_dim else None
+        _init_weights(self)
 
     def forward_features(self, x: Tensor) -> Tensor:
         """Pooled mixed_5c features `(B, feature_dim)` of RGB clips `(B, 3, T, H, W)` in [0, 1]."""
@@ -183,6 +185,20 @@ class S3D(nn.Module):
         return self.project(self.forward_features(x))
 
 
+def _init_weights(model: nn.Module) -> None:
+    """Kaiming-normal (fan_out) convs, BN weight 1 / bias 0 (torchvision's video init; the release ships no init).
+
+    PyTorch's default conv init shrinks activations ~100x through S3D's depth, so a fresh model in eval mode
+    gives nearly the same (~1e-10) vector for every clip: a degenerate random-init baseline.
+    """
+    for m in model.modules():
+        if isinstance(m, nn.Conv3d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm3d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
 def space_to_depth(x: Tensor) -> Tensor:
     """`(B, C, T, H, W) -> (B, 8C, T/2, H/2, W/2)` with channel `((dt*2+dh)*2+dw)*C + c`, as the release."""
     b, c, t, h, w = x.shape
@@ -208,9 +224,14 @@ class Word2VecText(nn.Module):
     `tokenize` reproduces the release's word splitting and lookup.
     """
 
-    def __init__(self, words: np.ndarray | list[str], *, max_words: int = 16, lowercase: bool = True):
+    def __init__(
+        self, words: np.ndarray | list[str], *, rows: int | None = None, max_words: int = 16, lowercase: bool = True
+    ):
         super().__init__()
-        self.word_embd = nn.Embedding(len(words) + 1, 300)
+        rows = len(words) + 1 if rows is None else rows
+        if rows < len(words) + 1 or max_words < 1:
+            raise ValueError(f"word2vec text needs rows >= {len(words) + 1} and max_words >= 1: {rows}, {max_words}")
+        self.word_embd = nn.Embedding(rows, 300)
         self.fc1 = nn.Linear(300, 2048)
         self.fc2 = nn.Linear(2048, 512)
         self.word_to_token = {str(w): i + 1 for i, w in enumerate(words)}
@@ -268,8 +289,13 @@ class S3DHowTo100M(nn.Module):
         return out
 
 
-def load_s3d_howto100m(path: str | Path, dict_path: str | Path | None = None) -> S3DHowTo100M:
+def load_s3d_howto100m(
+    path: str | Path, dict_path: str | Path | None = None, *, max_words: int = 16, lowercase: bool = True
+) -> S3DHowTo100M:
     """Load the released `s3d_howto100m.pth` (and with `dict_path`, the word list `s3d_dict.npy`) in eval mode.
+
+    `max_words` caps the tokenizer's words per sentence (the release's default is 16; MIL-NCE's evaluation
+    scripts use 30); `lowercase` lowercases text before the word lookup, as the release does.
 
     The checkpoint is read with `torch.load(weights_only=True)`; the word list with `np.load(allow_pickle=False)`
     (the released file is a plain string array). Space-to-depth and width are read off the stem weights.
@@ -277,9 +303,15 @@ def load_s3d_howto100m(path: str | Path, dict_path: str | Path | None = None) ->
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"S3D checkpoint not found: {path}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"{path} is not a torch checkpoint readable with weights_only=True: {reason}") from e
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: not an S3D HowTo100M state_dict (holds a {type(state).__name__})")
     state = {k.removeprefix("module."): v for k, v in state.items()}
     if "conv1.conv1.weight" not in state:
         raise ValueError(f"{path}: not an S3D HowTo100M state_dict (no 'conv1.conv1.weight')")
@@ -289,12 +321,12 @@ def load_s3d_howto100m(path: str | Path, dict_path: str | Path | None = None) ->
     video.load_state_dict(video_state, strict=True)
     text = None
     if dict_path is not None:
-        text = _load_text_module(state, Path(dict_path))
+        text = _load_text_module(state, Path(dict_path), max_words=max_words, lowercase=lowercase)
     log.info("loaded S3D HowTo100M from %s (text tower: %s)", path, "yes" if text is not None else "no")
     return S3DHowTo100M(video, text).eval()
 
 
-def _load_text_module(state: dict[str, Tensor], dict_path: Path) -> Word2VecText:
+def _load_text_module(state: dict[str, Tensor], dict_path: Path, *, max_words: int, lowercase: bool) -> Word2VecText:
     if not dict_path.is_file():
         raise ValueError(f"S3D word list not found: {dict_path}")
     try:
@@ -305,8 +337,11 @@ def _load_text_module(state: dict[str, Tensor], dict_path: Path) -> Word2VecText
     if "word_embd.weight" not in text_state:
         raise ValueError("checkpoint has no text_module.* weights, but a word list was given")
     rows = text_state["word_embd.weight"].shape[0]
-    if rows != len(words) + 1:
-        raise ValueError(f"{dict_path}: {len(words)} words, but the checkpoint's embedding has {rows} rows (words + 1)")
-    text = Word2VecText(words)
+    # Row 0 is padding and word i is row i + 1; the release pads its table, so spare rows at the end are fine.
+    if rows < len(words) + 1:
+        raise ValueError(
+            f"{dict_path}: {len(words)} words, but the checkpoint's embedding has only {rows} rows (needs words + 1)"
+        )
+    text = Word2VecText(words, rows=rows, max_words=max_words, lowercase=lowercase)
     text.load_state_dict(text_state, strict=True)
     return text

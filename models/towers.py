@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import yaml
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -162,6 +163,14 @@ class MultiTower(nn.Module):
                 heads[key] = make_projection(space.head, in_dim, space.dim, hidden=space.hidden, dropout=space.dropout)
         return heads
 
+    def set_audio_permutation(self, perm: Tensor) -> None:
+        """Align the audio self-label clusters with the video ones: `"audio/logits"[h, :, k]` becomes the audio
+        head's cluster `perm[h, k]` (H, K). Call with `SelfLabelling.relabel(...)["audio_perm"]` after the first
+        labelling; the permutation is a buffer, so checkpoints and exports keep it."""
+        if "audio" not in self.selflabel:
+            raise ValueError("set_audio_permutation: this model has no audio self-label heads")
+        self.selflabel["audio"].set_permutation(perm)
+
     def input_contracts(self) -> dict[str, VideoInput | AudioInput | TextInput]:
         """Contracts of the present towers only."""
         return {m: enc.input_contract for m, enc in self.encoders.items()}
@@ -265,11 +274,23 @@ def load_exported(path: str | Path) -> tuple[MultiTower, ModelConfig]:
     for p in (weights, config):
         if not p.is_file():
             raise ValueError(f"exported model incomplete: {p} not found")
-    with open(config, encoding="utf-8") as f:
-        cfg = model_config_from_dict(yaml.safe_load(f) or {})
+    try:
+        with open(config, encoding="utf-8") as f:
+            data = yaml.safe_load(f) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ValueError(f"{config} is not valid YAML: {e}") from e
+    cfg = model_config_from_dict(data)
     model = MultiTower(cfg)
     try:
-        model.load_state_dict(load_file(str(weights)), strict=True)
+        state = load_file(str(weights))
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{weights} is not a readable safetensors file: {e}") from e
+    # Exports written before self-label heads had a cluster permutation lack it: the identity is what they meant.
+    for key, value in model.state_dict().items():
+        if key.startswith("selflabel.") and key.endswith(".perm") and key not in state:
+            state[key] = value
+    try:
+        model.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise ValueError(f"{weights} does not match {config}: {e}") from e
     return model.eval(), cfg

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from data_prep.tokenizer import PAD_ID
 from pipeline import audio as A
 from pipeline import video as Vd
 
@@ -101,14 +102,15 @@ def sample_gdt(sample: dict, cfg: DataConfig, rng: np.random.Generator, tokenize
     """
     video, duration = _open(sample, cfg)
     t_base, t_shift = gdt_starts(duration, _clip_seconds(cfg), cfg.gdt_shift_seconds, rng)
+    waves = _audio_windows(sample, [t_base, t_shift], cfg) if cfg.audio.enabled else [None, None]
     frames, specs = [], []
-    for start in (t_base, t_shift):
+    for start, wav in zip((t_base, t_shift), waves):
         clip = Vd.decode_clip(video, start, cfg.num_frames, cfg.fps)
         forward = _augment(clip, cfg, rng, train=True)
         backward = _augment(clip, cfg, rng, train=True).flip(1)  # time axis of (C, T, H, W)
         frames += [forward, backward]
         if cfg.audio.enabled:
-            spec = _audio_view(sample, start, cfg, rng, train=True)
+            spec = _audio_spec(wav, cfg, rng, train=True)
             specs += [spec, spec.flip(-1)]
     out = _common(sample)
     out["video"] = torch.stack(frames)  # (4, C, T, H, W)
@@ -149,7 +151,7 @@ def sample_eval(sample: dict, cfg: DataConfig, rng: np.random.Generator, tokeniz
     out = _common(sample)
     out["video"] = torch.stack([Vd.center_crop(w, cfg.size) for w in windows])  # (N, C, T, H, W)
     if cfg.audio.enabled:
-        out["audio"] = torch.stack([_audio_view(sample, s, cfg, rng, train=False) for s in starts])
+        out["audio"] = _audio_eval(sample, starts, cfg)  # (N, 1, F, Ta)
     caps = [c["text"] for c in sample["meta"].get("captions") or [] if c.get("text", "").strip()]
     if cfg.text.enabled:
         out.update(_tokenize(caps, cfg, tokenizer, rows=max(len(caps), 1)))
@@ -257,15 +259,26 @@ def _video_view(video: Vd.VideoSource, start: float, cfg: DataConfig, rng: np.ra
 
 
 def _audio_view(sample: dict, start: float, cfg: DataConfig, rng: np.random.Generator, train: bool) -> torch.Tensor:
+    return _audio_spec(_audio_windows(sample, [start], cfg)[0], cfg, rng, train)
+
+
+def _audio_windows(sample: dict, starts: list[float], cfg: DataConfig) -> list[np.ndarray | None]:
+    """The waveform of each window at the configured rate (one decode pass); None for a silent sample."""
     ac = cfg.audio
     if sample["audio"] is None:
-        frames = round(ac.seconds * ac.sample_rate) // round(ac.sample_rate * ac.hop_ms / 1000) + 1
-        return A.silent_log_mel(ac.num_mel_bins, frames)
+        return [None] * len(starts)
     try:
-        wav, sr = A.read_window(sample["audio"], start, ac.seconds)
+        waves, sr = A.read_windows(sample["audio"], starts, ac.seconds)  # (W, n)
     except Exception as e:
         raise SampleRejected("audio_decode", f"{type(e).__name__}: {e}") from e
-    wav = A.resample(wav, sr, ac.sample_rate)
+    return [A.resample(wav, sr, ac.sample_rate) for wav in waves]
+
+
+def _audio_spec(wav: np.ndarray | None, cfg: DataConfig, rng: np.random.Generator, train: bool) -> torch.Tensor:
+    """Volume jitter, log-mel and SpecAugment of one window `(1, F, Ta)`; zeros for a silent sample."""
+    ac = cfg.audio
+    if wav is None:
+        return A.silent_log_mel(ac.num_mel_bins, _mel_frames(cfg))
     augment = train and cfg.augment.enabled
     if augment:
         wav = A.volume_jitter(wav, cfg.augment.volume_jitter, rng)
@@ -273,6 +286,20 @@ def _audio_view(sample: dict, start: float, cfg: DataConfig, rng: np.random.Gene
     if augment and cfg.augment.spec_augment:
         spec = A.spec_augment(spec, rng)
     return spec
+
+
+def _audio_eval(sample: dict, starts: list[float], cfg: DataConfig) -> torch.Tensor:
+    """Un-augmented log-mels of all eval windows `(N, 1, F, Ta)`, computed as one batch."""
+    ac = cfg.audio
+    waves = _audio_windows(sample, starts, cfg)
+    if waves[0] is None:
+        return A.silent_log_mel(ac.num_mel_bins, _mel_frames(cfg)).expand(len(starts), -1, -1, -1).clone()
+    return A.log_mel(np.stack(waves), ac.sample_rate, ac.num_mel_bins, ac.win_ms, ac.hop_ms)
+
+
+def _mel_frames(cfg: DataConfig) -> int:
+    ac = cfg.audio
+    return round(ac.seconds * ac.sample_rate) // round(ac.sample_rate * ac.hop_ms / 1000) + 1
 
 
 def _captions_near_clip(sample: dict, start: float, cfg: DataConfig, tokenizer: Any) -> dict:
@@ -286,15 +313,17 @@ def _captions_near_clip(sample: dict, start: float, cfg: DataConfig, tokenizer: 
 
 
 def _tokenize(texts: list[str], cfg: DataConfig, tokenizer: Any, rows: int | None = None) -> dict:
-    """`text (rows, L)` int64 and `text_mask (rows, L)` bool; rows past the captions are all-False padding."""
-    from data_prep.tokenizer import encode_batch
+    """`text (rows, L)` int64 and `text_mask (rows, L)` bool; rows past the captions are all-False padding.
 
+    Same ids as `data_prep.tokenizer.encode_batch` (pad 0, right-padded, truncated to L), but each caption is
+    encoded on its own into one numpy buffer: sentencepiece's list call sets up a thread pool even with one
+    thread, which costs ~4x the encoding of K=4 short captions.
+    """
     rows = cfg.text.num_captions if rows is None else rows
     length = cfg.text.max_tokens
-    ids = torch.zeros(rows, length, dtype=torch.int64)
-    mask = torch.zeros(rows, length, dtype=torch.bool)
-    if texts:
-        got_ids, got_mask = encode_batch(tokenizer, texts[:rows], length)
-        ids[: len(texts)] = torch.as_tensor(got_ids, dtype=torch.int64)
-        mask[: len(texts)] = torch.as_tensor(got_mask, dtype=torch.bool)
-    return {"text": ids, "text_mask": mask}
+    ids = np.full((rows, length), PAD_ID, dtype=np.int64)  # (rows, L)
+    for row, text in enumerate(texts[:rows]):
+        pieces = tokenizer.encode(text)[:length]
+        ids[row, : len(pieces)] = pieces
+    text = torch.from_numpy(ids)
+    return {"text": text, "text_mask": text != PAD_ID}

@@ -67,14 +67,15 @@ def _make_bad_corpus(d: Path) -> None:
     _video(d / "dup.mp4", audio=False)
     _video(d / "dup.mkv", audio=False)
     captions = {
-        "cap_empty": b"",
-        "cap_malformed": b"this is\nnot --> an srt\n\x00\x01\n",
-        "cap_latin1": "1\n00:00:00,000 --> 00:00:00,800\ncaf\xe9 cr\xe8me\n".encode("latin-1"),
-        "cap_outside": b"1\n00:00:50,000 --> 00:00:60,000\nlater\n\n2\n00:00:00,500 --> 00:01:40,000\nspans\n",
+        "cap_empty.srt": b"",
+        "cap_malformed.srt": b"this is\nnot --> an srt\n\x00\x01\n",
+        "cap_malformed_vtt.vtt": b"WEBVTT\n\nno timing here\n\n00:00.000 --> soon\nbroken\n",
+        "cap_latin1.srt": "1\n00:00:00,000 --> 00:00:00,800\ncaf\xe9 cr\xe8me\n".encode("latin-1"),
+        "cap_outside.srt": b"1\n00:00:50,000 --> 00:00:60,000\nlater\n\n2\n00:00:00,500 --> 00:01:40,000\nspans\n",
     }
     for name, content in captions.items():
-        _video(d / f"{name}.mp4", audio=False)
-        (d / f"{name}.srt").write_bytes(content)
+        _video(d / f"{Path(name).stem}.mp4", audio=False)
+        (d / name).write_bytes(content)
 
 
 class Built:
@@ -94,7 +95,7 @@ class Built:
         self.failures = [json.loads(line) for line in lines]
 
     def failure(self, name: str) -> dict:
-        found = [f for f in self.failures if os.path.basename(f["source"]) == name]
+        found = [f for f in self.failures if os.path.basename(f["source"]) == name and not f.get("kept")]
         assert len(found) == 1, (name, self.failures)
         return found[0]
 
@@ -185,6 +186,16 @@ def test_latin1_captions_are_decoded(built):
     assert [c["text"] for c in built.samples["cap_latin1"]["captions"]] == ["café crème"]
 
 
+def test_unusable_caption_sidecars_are_recorded_and_the_video_kept(built):
+    kept = {os.path.basename(f["source"]): f for f in built.failures if f.get("kept")}
+    bad = {"cap_empty.mp4", "cap_malformed.mp4", "cap_malformed_vtt.mp4"}
+    assert {name for name, f in kept.items() if f["reason"] == "bad_captions"} == bad  # Latin-1 is not bad
+    assert all("kept without those captions" in kept[name]["detail"] for name in bad)
+    assert {"cap_empty", "cap_malformed", "cap_malformed_vtt"} <= set(built.samples)
+    assert built.summary.kept.get("bad_captions") == 3 and "bad_captions" not in built.summary.failed
+    assert "kept         3 converted despite a problem (bad_captions 3)" in built.summary.format()
+
+
 def test_caption_times_outside_the_video_are_dropped_or_clipped(built):
     captions = built.samples["cap_outside"]["captions"]
     assert captions == [{"start": 0.5, "end": pytest.approx(1.0), "text": "spans"}]
@@ -192,12 +203,14 @@ def test_caption_times_outside_the_video_are_dropped_or_clipped(built):
 
 def test_every_input_is_counted(built):
     failed = sum(built.summary.failed.values())
-    assert failed == len(built.failures) and built.summary.samples == len(built.samples)
+    skipped = [f for f in built.failures if not f.get("kept")]  # kept rows list converted inputs (bad_captions)
+    assert failed == len(skipped) and built.summary.samples == len(built.samples)
     assert built.summary.inputs == failed + len(built.samples)  # nothing dropped silently
     by_reason: dict[str, int] = {}
-    for f in built.failures:
+    for f in skipped:
         by_reason[f["reason"]] = by_reason.get(f["reason"], 0) + 1
     assert by_reason == built.summary.failed
+    assert len(built.failures) - len(skipped) == sum(built.summary.kept.values())
 
 
 def test_nothing_half_written_is_left(built):
@@ -341,3 +354,84 @@ def test_broken_audio_track_keeps_the_video(manifest_dir, tmp_path, monkeypatch)
     summary = build_dataset(d, tmp_path / "out", **OPTS)
     assert summary.samples == 1 and summary.failed == {}
     assert Built(tmp_path / "out", summary).samples["a"]["has_audio"] is False
+
+
+# ---- audio and video streams that start at different times -----------------------------------------------------
+
+
+def _offset_corpus(d: Path) -> Path:
+    """late.mp4: 3 s of video, a 440 Hz tone from 1 s (audio delayed with -itsoffset); early.mp4: the audio
+    starts 1 s before the video (video delayed), silent until 2 s, so the tone starts 1 s into the video."""
+    d.mkdir()
+    _ffmpeg("-f", "lavfi", "-i", "testsrc=size=48x32:rate=10:duration=3", "-pix_fmt", "yuv420p", str(d / "v.mp4"))
+    _ffmpeg("-f", "lavfi", "-i", "sine=frequency=440:sample_rate=16000:duration=2", "-c:a", "aac", str(d / "a.m4a"))
+    tone_from_2s = "aevalsrc=0.125*gte(t\\,2)*sin(2*PI*440*t):s=16000:d=4"
+    _ffmpeg("-f", "lavfi", "-i", tone_from_2s, "-c:a", "aac", str(d / "b.m4a"))
+    mux = ["-map", "0:v", "-map", "1:a", "-c", "copy"]
+    _ffmpeg("-i", str(d / "v.mp4"), "-itsoffset", "1.0", "-i", str(d / "a.m4a"), *mux, str(d / "late.mp4"))
+    _ffmpeg("-itsoffset", "1.0", "-i", str(d / "v.mp4"), "-i", str(d / "b.m4a"), *mux, str(d / "early.mp4"))
+    for name in ("v.mp4", "a.m4a", "b.m4a"):
+        (d / name).unlink()
+    return d
+
+
+def _audio(built: Built, vid: str):
+    import soundfile
+
+    key = f"{built.samples[vid]['idx']:09d}"
+    for shard in (built.out / "shards").glob("*.tar"):
+        with tarfile.open(shard) as tar:
+            if f"{key}.flac" in tar.getnames():
+                audio, rate = soundfile.read(tar.extractfile(f"{key}.flac"), dtype="float32")
+                onset = int((abs(audio) > 0.02).argmax())
+                return len(audio) / rate, onset / rate
+    return None
+
+
+@pytest.fixture(scope="module")
+def offsets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("offsets")
+    corpus = _offset_corpus(root / "videos")
+    return Built(root / "dataset", build_dataset(corpus, root / "dataset", **OPTS))
+
+
+def test_audio_starting_after_the_video_is_padded_not_shifted(offsets):
+    seconds, onset = _audio(offsets, "late")
+    assert seconds == pytest.approx(3.0, abs=0.02) and onset == pytest.approx(1.0, abs=0.03)
+    assert offsets.samples["late"]["duration"] == pytest.approx(3.0) and offsets.failures == []
+
+
+def test_audio_starting_before_the_video_is_cut_to_the_first_frame(offsets):
+    sample = offsets.samples["early"]
+    assert sample["start"] == pytest.approx(1.0) and sample["duration"] == pytest.approx(3.0)
+    seconds, onset = _audio(offsets, "early")
+    assert seconds == pytest.approx(3.0, abs=0.02) and onset == pytest.approx(1.0, abs=0.03)
+
+
+def test_offset_streams_pass_inspect_with_decoding(offsets):
+    from data_prep.inspect import inspect_dataset
+
+    report = inspect_dataset(offsets.out, decode=2)
+    assert report.ok and report.decoded == 2, report.errors
+
+
+@pytest.mark.skipif(multiprocessing.get_start_method() != "fork", reason="patches the worker code through fork")
+def test_audio_shorter_than_its_video_is_dropped_and_recorded_old_filter_patched(offsets, tmp_path, monkeypatch):
+    d = tmp_path / "in"
+    d.mkdir()
+    shutil.copy(offsets.out.parent / "videos" / "late.mp4", d / "late.mp4")
+    real = media.ffmpeg_argv
+
+    def pad_end_only(*args, **kwargs):  # the filter before the fix: delayed audio comes out early and short
+        return ["apad" if a.startswith("aresample=") else a for a in real(*args, **kwargs)]
+
+    monkeypatch.setattr(media, "ffmpeg_argv", pad_end_only)
+    summary = build_dataset(d, tmp_path / "out", **OPTS)
+    built = Built(tmp_path / "out", summary)
+    assert summary.samples == 1 and summary.failed == {} and summary.kept == {"audio_misaligned": 1}
+    assert built.samples["late"]["has_audio"] is False and built.members[f"{built.samples['late']['idx']:09d}"] == [
+        "json",
+        "mp4",
+    ]
+    (row,) = built.failures
+    assert row["reason"] == "audio_misaligned" and row["kept"] is True and "kept without audio" in row["detail"]

@@ -12,7 +12,8 @@ from pathlib import Path
 import imageio_ffmpeg
 import pytest
 
-from data_prep.build import build_dataset, chunk_bounds
+from data_prep.build import build_dataset
+from data_prep.plan import chunk_bounds
 
 SMALL = dict(fps=8, short_side=32, max_seconds=30.0, sample_rate=16000, samples_per_shard=2, workers=2)
 
@@ -210,7 +211,7 @@ def test_plan_json_probes_are_authoritative(synth_corpus, tiny_dataset, tmp_path
 
 
 def test_first_published_plan_wins(tmp_path):
-    from data_prep.build import _publish_plan, _sources_digest
+    from data_prep.plan import _publish_plan, _sources_digest
     from data_prep.sources import SourceItem
 
     items = [SourceItem("a", "/x/a.mp4")]
@@ -228,3 +229,57 @@ def test_first_published_plan_wins(tmp_path):
     assert _publish_plan(tmp_path, items, [{"reason": "probe_timeout", "detail": ""}], prep) == first
     assert json.loads((tmp_path / "plan.json").read_text())["digest"] == _sources_digest(items, prep)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plan.json"]
+
+
+@pytest.mark.parametrize("reason", ["probe_timeout", "worker_crashed"])
+def test_transient_probe_failure_is_retried_while_no_shard_exists(synth_corpus, tiny_dataset, tmp_path, reason):
+    from conftest import TINY_BUILD
+
+    out = tmp_path / "retry"
+    out.mkdir()
+    plan = json.loads((tiny_dataset / "plan.json").read_text())
+    good = plan["probes"][0]
+    plan["probes"][0] = {"reason": reason, "detail": "an earlier run lost it"}
+    (out / "plan.json").write_text(json.dumps(plan))
+    summary = build_dataset(synth_corpus, out, **TINY_BUILD)
+    assert summary.chunks == 8 and summary.failed == {} and summary.samples == 8
+    assert json.loads((out / "plan.json").read_text())["probes"][0] == good  # the plan now says so too
+    assert [s["idx"] for s in _samples(out)] == list(range(8))
+
+
+def test_transient_probe_failure_is_kept_once_a_shard_exists(synth_corpus, tiny_dataset, tmp_path):
+    from conftest import TINY_BUILD
+
+    out = tmp_path / "kept"
+    (out / "shards").mkdir(parents=True)
+    shutil.copy(tiny_dataset / "shards" / "000000.tar", out / "shards" / "000000.tar")  # an idx is on disk
+    plan = json.loads((tiny_dataset / "plan.json").read_text())
+    plan["probes"][0] = {"reason": "probe_timeout", "detail": "an earlier run lost it"}
+    (out / "plan.json").write_text(json.dumps(plan))
+    summary = build_dataset(synth_corpus, out, **TINY_BUILD)
+    assert summary.chunks == 7 and summary.failed == {"probe_timeout": 1}  # retrying would move every idx
+    assert json.loads((out / "plan.json").read_text())["probes"][0]["reason"] == "probe_timeout"
+
+
+def test_chunk_audio_is_cut_to_its_video_or_dropped_when_short():
+    import io
+
+    import numpy as np
+    import soundfile
+
+    from data_prep import media
+    from data_prep.build import _aligned_audio
+
+    def flac(seconds: float) -> bytes:
+        buf = io.BytesIO()
+        soundfile.write(buf, np.ones(int(seconds * 16000), dtype=np.int16), 16000, format="FLAC")
+        return buf.getvalue()
+
+    def chunk(audio_seconds: float) -> media.ChunkMedia:  # 16 frames at 8 fps: 2 s of video
+        return media.ChunkMedia(b"mp4", flac(audio_seconds), 8.0, 16, 32, 32, audio_seconds)
+
+    longer = _aligned_audio(chunk(3.0), "chunk idx 0 at 0 s", "flac")  # the video data ended early
+    assert soundfile.info(io.BytesIO(longer.audio)).frames == 32000 and longer.dropped is None
+    assert _aligned_audio(chunk(2.1), "", "flac").audio == flac(2.1)  # within tolerance: untouched
+    short = _aligned_audio(chunk(1.0), "chunk idx 0 at 0 s", "flac")
+    assert short.audio is None and short.dropped[0] == "audio_misaligned" and "1.000 s of audio" in short.dropped[1]

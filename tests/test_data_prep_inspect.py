@@ -140,3 +140,42 @@ def test_decode_catches_short_audio(copy):
     members["000000000.flac"] = buf.getvalue()
     _rewrite(path, members)
     assert any("s of audio for" in e for e in inspect_dataset(copy, decode=1).errors)
+
+
+def test_sample_json_that_is_not_an_object_is_reported_not_raised(copy):
+    path = copy / "shards" / "000001.tar"
+    members = _members(path)
+    members["000000002.json"] = b"5"
+    _rewrite(path, members)
+    report = inspect_dataset(copy, decode=0)
+    assert any(e.startswith("000001.tar:000000002.json: expected a JSON object, got int") for e in report.errors)
+    assert report.samples == 7
+
+
+def test_caption_with_a_string_time_is_reported_not_raised(copy):
+    path = copy / "shards" / "000000.tar"
+    members = _members(path)
+    meta = json.loads(members["000000001.json"])
+    members["000000001.json"] = json.dumps({**meta, "captions": [{"start": "0.5", "end": 1.0, "text": "hi"}]}).encode()
+    _rewrite(path, members)
+    errors = inspect_dataset(copy, decode=0).errors
+    assert any("000000001: bad caption {'start': '0.5'" in e for e in errors), errors
+
+
+def test_malformed_dataset_json_shard_entry_is_reported(copy):
+    meta = json.loads((copy / "dataset.json").read_text())
+    meta["shards"][1] = "000001.tar"
+    (copy / "dataset.json").write_text(json.dumps(meta))
+    assert "shard entries need a name" in inspect_dataset(copy).errors[0]
+
+
+def test_decode_spreads_over_every_shard(copy):
+    path = copy / "shards" / "000003.tar"  # the last shard: decoding "the first N" samples never reached it
+    members = _members(path)
+    members["000000006.mp4"] = members["000000006.mp4"][:300]
+    _rewrite(path, members)
+    report = inspect_dataset(copy, decode=4)  # positions 0, 2, 4, 6 of 8: the first sample of each shard
+    undecodable = [e for e in report.errors if "decord cannot decode" in e]
+    assert report.decoded == 3 and len(undecodable) == 1 and undecodable[0].startswith("000003.tar:000000006.mp4")
+    assert inspect_dataset(copy, decode=4).errors == report.errors  # deterministic
+    assert inspect_dataset(copy, decode=100).decoded == 7  # asked for more than there are: all but the broken one

@@ -239,3 +239,34 @@ def test_tsv_and_json_manifests_and_a_separate_video_root(tmp_path):
     (meta / "corpus.json").write_text("{}")
     with pytest.raises(ValueError, match="fmt="):
         read_sources(meta / "corpus.json")
+
+
+def test_unusable_caption_sidecars_become_kept_warnings(tmp_path):
+    for name in ("empty", "malformed", "latin1", "good"):
+        _touch(tmp_path / f"{name}.mp4")
+    (tmp_path / "empty.srt").write_bytes(b"")
+    (tmp_path / "malformed.vtt").write_bytes(b"WEBVTT\n\nno timing\n\n00:00.000 --> soon\nbroken\n")
+    (tmp_path / "latin1.srt").write_bytes("1\n00:00:00,000 --> 00:00:01,000\ncaf\xe9\n".encode("latin-1"))
+    (tmp_path / "good.txt").write_text("a caption\n")
+    sources = read_sources(tmp_path)
+    assert [i.id for i in sources.items] == ["empty", "good", "latin1", "malformed"] and sources.failures == []
+    warned = {w.source: w for w in sources.warnings}
+    assert sorted(warned) == [str(tmp_path / "empty.mp4"), str(tmp_path / "malformed.mp4")]
+    for name, sidecar in (("empty", "empty.srt"), ("malformed", "malformed.vtt")):
+        w = warned[str(tmp_path / f"{name}.mp4")]
+        assert w.reason == "bad_captions" and w.kept and w.to_json()["kept"] is True
+        assert sidecar in w.detail and "kept without those captions" in w.detail
+    assert [c.text for c in sources.items[2].captions] == ["café"]
+
+
+def test_manifest_sidecar_warnings_and_messages_name_the_cli_flag(tmp_path):
+    _touch(tmp_path / "v.mp4")
+    (tmp_path / "v.srt").write_bytes(b"\x00\x01 not a subtitle\n")
+    (tmp_path / "m.csv").write_text("id,path\nv,v.mp4\n")
+    sources = read_sources(tmp_path / "m.csv")
+    assert [(w.source, w.reason) for w in sources.warnings] == [(str(tmp_path / "v.mp4"), "bad_captions")]
+    (tmp_path / "ann.json").write_text("{}")
+    with pytest.raises(ValueError, match="--format"):
+        read_sources(tmp_path / "ann.json")
+    with pytest.raises(ValueError, match="--videos-root"):
+        read_sources(tmp_path, videos=tmp_path)

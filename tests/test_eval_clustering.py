@@ -166,3 +166,28 @@ def test_cluster_embeddings_kmeans_reports_points_and_few_shot_naming():
         assert set(summary["naming"][shots]) == {"majority", "hungarian", "prototype"}
         assert summary["naming"][shots]["prototype"] == pytest.approx(100.0)
     assert summary["naming"]["all"]["hungarian"] == pytest.approx(100.0)
+
+
+def test_cluster_embeddings_heads_sizes_and_k_describe_the_reported_head():
+    from eval.clustering import cluster_embeddings
+
+    x, labels = planted(n_per=20, k=3)
+    lopsided = 5.0 * np.eye(5)[np.zeros(len(labels), dtype=int)]  # head 0: everything in cluster 0 of K=5
+    good = 5.0 * np.eye(5)[labels]  # head 1: the classes, in clusters 0..2 of K=5
+    summary, _ = cluster_embeddings(
+        in_memory_embeddings(x, labels, video_logits=np.stack([lopsided, good])), method="heads"
+    )
+    assert summary["head"] == 1
+    assert summary["k"] == 5  # from the logits, not from the largest cluster used
+    assert summary["sizes"]["sizes"] == [20, 20, 20, 0, 0] and summary["sizes"]["empty"] == 2
+
+
+def test_k_shot_naming_skipped_for_small_classes_is_logged_and_reported(caplog):
+    from eval.clustering import cluster_embeddings
+
+    x, labels = planted(n_per=5, k=3, seed=3)
+    with caplog.at_level("WARNING", logger="eval.clustering"):
+        summary, _ = cluster_embeddings(in_memory_embeddings(x, labels), k=3, shots=(1, 10), gpu=False)
+    assert "1-shot" in summary["naming"] and "10-shot" not in summary["naming"]
+    assert "10-shot" in summary["naming_skipped"] and "none left to score" in summary["naming_skipped"]["10-shot"]
+    assert any("10-shot naming skipped" in r.getMessage() for r in caplog.records)

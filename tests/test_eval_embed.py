@@ -183,3 +183,91 @@ def test_released_s3d_checkpoint_embeds_video_and_word_list_captions(setup, tmp_
     assert emb.arrays["text@vt"].shape == (sum(counts), 512)
     np.testing.assert_array_equal(emb.caption_video, np.repeat(np.arange(8), counts))
     assert emb.meta[0]["windows"] == [[0.0, 3.2]]  # one 32-frame window at 10 fps from the start
+
+
+def _rows(idx, captions, d=4, h=2, k=3, seed=0):
+    """One batch of embedded rows as `_embed_batch` returns them (float32), with `captions[i]` caption rows."""
+    rng = np.random.default_rng(seed)
+    n = len(idx)
+    return {
+        "idx": np.asarray(idx, dtype=np.int64),
+        "meta": [
+            {"idx": int(i), "id": f"v{i}", "captions": [f"c{j}" for j in range(c)]} for i, c in zip(idx, captions)
+        ],
+        "video@vt": rng.standard_normal((n, d)).astype(np.float32),
+        "video@vt.windows": rng.standard_normal((n, 2, d)).astype(np.float32),
+        "text@vt": rng.standard_normal((int(sum(captions)), d)).astype(np.float32),
+        "text_count": np.asarray(captions, dtype=np.int64),
+        "video_logits": rng.standard_normal((h, n, k)).astype(np.float32),
+    }
+
+
+def test_parts_are_float16_and_merge_part_by_part_equals_a_naive_merge(tmp_path):
+    from eval.embed_files import merge_parts, write_part
+
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    batches = [  # rank 0 and rank 1; idx 4 was embedded twice (the first copy, in rank0, is kept)
+        ("rank0-00000", [_rows([5, 1], [2, 0], seed=1), _rows([4], [1], seed=2)]),
+        ("rank0-00001", [_rows([0, 7], [1, 3], seed=3)]),
+        ("rank1-00000", [_rows([4, 2, 6, 3], [2, 1, 1, 0], seed=4)]),
+    ]
+    for stem, rows in batches:
+        write_part(parts / stem, rows)
+    with np.load(parts / "rank0-00000.npz", allow_pickle=False) as z:
+        assert z["video@vt"].dtype == np.float16 and z["idx"].dtype == np.int64
+    summary = merge_parts(tmp_path, expected=8)
+    assert summary["rows"] == 8 and summary["duplicates"] == 1 and not parts.exists()
+    emb = read_embeddings(tmp_path)
+
+    # the naive merge: every row of every batch, first copy of each idx, sorted by idx
+    first: dict[int, tuple[dict, int, int]] = {}
+    for _, rows in batches:
+        for r in rows:
+            starts = np.concatenate([[0], np.cumsum(r["text_count"])])
+            for j, i in enumerate(r["idx"].tolist()):
+                first.setdefault(i, (r, j, int(starts[j])))
+    assert [m["idx"] for m in emb.meta] == sorted(first) == list(range(8))
+    text, owner = [], []
+    for row, i in enumerate(sorted(first)):
+        r, j, s = first[i]
+        assert emb.meta[row]["id"] == f"v{i}" and emb.meta[row]["row"] == row
+        np.testing.assert_array_equal(emb.arrays["video@vt"][row], r["video@vt"][j].astype(np.float16))
+        np.testing.assert_array_equal(emb.arrays["video@vt.windows"][row], r["video@vt.windows"][j].astype(np.float16))
+        np.testing.assert_array_equal(emb.arrays["video_logits"][:, row], r["video_logits"][:, j].astype(np.float16))
+        text.append(r["text@vt"][s : s + r["text_count"][j]])
+        owner += [row] * int(r["text_count"][j])
+    np.testing.assert_array_equal(emb.arrays["text@vt"], np.concatenate(text).astype(np.float16))
+    np.testing.assert_array_equal(emb.caption_video, owner)
+    assert all(a.dtype == np.float16 for a in emb.arrays.values())
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_done_set_is_a_sorted_array_with_searchsorted_lookup(tmp_path):
+    from eval.embed_files import done_idx, is_done, write_part
+
+    assert done_idx(tmp_path).size == 0 and not is_done(np.array([1, 2]), done_idx(tmp_path)).any()
+    write_part(tmp_path / "rank0-00000", [_rows([9, 3], [1, 1])])
+    write_part(tmp_path / "rank1-00000", [_rows([3, 12], [0, 1])])
+    done = done_idx(tmp_path)
+    assert done.tolist() == [3, 9, 12]
+    assert is_done(np.array([0, 3, 4, 9, 12, 13, 100]), done).tolist() == [False, True, False, True, True, False, False]
+
+
+def test_missing_dataset_is_named_before_the_loader_runs(tmp_path):
+    from eval.embed import LoadedModel
+
+    model = LoadedModel(torch.nn.Identity(), {}, None, "exported")
+    (tmp_path / "empty").mkdir()
+    for missing in (tmp_path / "nope", tmp_path / "empty"):
+        with pytest.raises(ValueError, match=f"dataset not found: {missing} has no dataset.json and no shards/"):
+            embed_dataset(model, missing, tmp_path / "out", num_workers=0)
+    assert not (tmp_path / "out").exists()
+
+
+def test_window_times_use_the_loader_formula():
+    from eval.embed import eval_window_starts
+
+    assert eval_window_starts(10.0, 3.2, 4) == pytest.approx([0.0, 6.8 / 3, 2 * 6.8 / 3, 6.8])
+    assert eval_window_starts(2.0, 3.2, 3) == [0.0, 0.0, 0.0]  # shorter than a clip: every window at 0
+    assert eval_window_starts(10.0, 3.2, 0) == [0.0]  # one clip over the whole video

@@ -57,3 +57,26 @@ def test_unlabelled_rows_are_rejected():
     y[0] = -1
     with pytest.raises(ValueError, match=">= 0"):
         knn_classifier(x, y, x, np.abs(y))
+
+
+def test_gallery_keeps_distractor_classes_absent_from_the_test_split():
+    """A gallery-only class must stay in the gallery: its videos can steal a query's nearest neighbour."""
+    from pathlib import Path
+
+    from eval.embed import Embeddings
+    from eval.probe import evaluate_classes
+
+    def emb(x, names):
+        meta = [{"row": i, "idx": i, "id": f"v{i}", "label": n} for i, n in enumerate(names)]
+        return Embeddings(Path("mem"), meta, {"video@vt": x}, np.zeros(0, dtype=np.int64))
+
+    e = np.eye(4, dtype=np.float32)
+    # Test queries are class "a" and sit right next to the gallery's "z" videos (a class the test split lacks).
+    test = emb(np.stack([e[0] + 0.1 * e[1], e[0] + 0.1 * e[2]]), ["a", "a"])
+    near = np.stack([e[0], e[0]])  # "z": identical to the queries' main direction
+    far = np.stack([0.6 * e[0] + 0.8 * e[1], 0.6 * e[0] + 0.8 * e[2]])  # "a": further away
+    train = emb(np.concatenate([near, far]), ["z", "z", "a", "a"])
+    out = evaluate_classes(test, train, knn_k=1)
+    assert out["classes"] == {"count": 2, "train": 4, "test": 2}
+    assert out["video->video"]["R@1"] == 0.0 and out["video->video"]["R@5"] == 100.0
+    assert out["knn"]["top1"] == 0.0

@@ -181,3 +181,30 @@ def test_eval_retrieval_command_collapsed_model_scores_at_the_bottom(tmp_path):
     out = json.loads((emb / "retrieval.json").read_text())
     assert list(out) == ["text->video@vt"]
     assert out["text->video@vt"]["R@1"] == 0.0 and out["text->video@vt"]["MedR"] == 12.0
+
+
+@pytest.mark.parametrize("method", ["exact", "flat"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf], ids=["nan", "inf"])
+def test_non_finite_embeddings_are_rejected_not_ranked_first(method, bad):
+    rng = np.random.default_rng(0)
+    x = unit(rng.standard_normal((6, 8)))
+    diverged = x.copy()
+    diverged[2, 3] = bad
+    for queries, gallery, name in ((diverged, x, "queries"), (x, diverged, "gallery")):
+        with pytest.raises(ValueError, match=f"{name} has 1 of 6 rows with NaN or inf \\(first: row 2\\)"):
+            retrieval_ranks(queries, gallery, method=method, progress=False)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        retrieval_metrics(np.where(np.eye(3) > 0, np.nan, 0.0))
+
+
+def test_duplicate_correct_items_count_once():
+    sim = np.array([[0.9, 0.1], [0.2, 0.8]])
+    m = retrieval_metrics(sim, [np.array([0, 0]), [1]])
+    assert m["MedR"] == 1.0 and m["MnR"] == 1.0
+    sim = np.array([[0.1, 0.9, 0.5], [0.2, 0.3, 0.8]])
+    m = retrieval_metrics(sim, [np.array([0, 0, 0]), np.array([2, 2])])  # query 0: item 0 is third
+    assert m["MnR"] == 2.0 and m["R@1"] == 50.0
+    queries = unit(np.array([[1.0, 0.5, 0.2], [0.0, 1.0, 0.1], [0.1, 0.2, 1.0]]))
+    for method in ("exact", "flat"):
+        ranks = retrieval_ranks(queries, np.eye(3), [np.array([1, 1]), [1], [2, 2, 2]], method=method, progress=False)
+        assert ranks.tolist() == [2, 1, 1]

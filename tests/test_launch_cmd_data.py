@@ -56,6 +56,9 @@ def test_synth_build_inspect_tokenizer(tmp_path, capsys):
     raw, ds = tmp_path / "raw", tmp_path / "ds"
     assert main(["data", "synth", "--out", str(raw), "--videos", "3", "--seconds", "1", "--workers", "1"]) == 0
     assert (raw / "manifest.csv").exists() and len(list((raw / "videos").glob("*.mp4"))) == 3
+    synth = capsys.readouterr().out
+    assert synth.count("synth corpus") == 1 and "videos       3 (3 written, 0 already there)" in synth
+    assert "videos_per_s" not in synth  # one readable summary, not a raw dict
     assert main(["data", "build", str(raw), "--out", str(ds), *TINY]) == 0
     out = capsys.readouterr().out
     assert "samples      3 written" in out and "shards       1 written" in out
@@ -104,3 +107,10 @@ def test_build_where_every_input_fails_exits_nonzero(tmp_path, capsys):
     assert main(["data", "build", str(tmp_path / "in"), "--out", str(tmp_path / "ds"), *TINY]) == 1
     assert "no usable input" in capsys.readouterr().out
     assert json.loads((tmp_path / "ds" / "failures.jsonl").read_text())["reason"] == "not_media"
+
+
+def test_build_format_choices_are_the_readers_formats():
+    from data_prep.readers import FORMATS
+    from launch import cmd_data
+
+    assert cmd_data.FORMATS is FORMATS

@@ -80,6 +80,33 @@ def test_space_to_depth_channel_order_matches_the_release():
         space_to_depth(torch.zeros(1, 3, 3, 8, 8))
 
 
+@pytest.mark.parametrize("width", [0.125, 1.0], ids=["tiny", "full"])
+def test_fresh_model_in_eval_mode_separates_clips(width):
+    """With PyTorch's default conv init the activations vanish through S3D (features ~1e-10), so a random-init
+    model maps every clip to its fc bias: a degenerate baseline that no embedding test can fail on."""
+    torch.manual_seed(0)
+    model = S3D(width=width, embed_dim=512).eval()
+    a = torch.rand(1, 3, 8, 64, 64)
+    b = torch.zeros_like(a)
+    b[:, :, :, :32] = 1.0  # half white, half black
+    with torch.no_grad():
+        fa, fb = model.forward_features(a), model.forward_features(b)
+        za, zb = model.project(fa), model.project(fb)
+    assert fa.abs().mean() > 1e-3 and fb.abs().mean() > 1e-3
+    assert (fa - fb).norm() > 0.05 * fa.norm()
+    # through the fc (whose bias would otherwise dominate) the clips still differ clearly
+    assert (za - zb).norm() > 0.05 * (za - model.fc.bias).norm()
+    assert (za - model.fc.bias).norm() > 0.1 * model.fc.bias.norm()
+
+
+def test_init_keeps_the_released_state_dict_layout():
+    bn = S3D(width=0.125).conv_2c.bn1
+    assert torch.equal(bn.weight, torch.ones_like(bn.weight)) and torch.equal(bn.bias, torch.zeros_like(bn.bias))
+    conv = S3D(width=0.125).mixed_5c.conv_b0.conv1.weight  # Kaiming fan_out: std sqrt(2 / (cout * k))
+    expected = (2.0 / (conv.shape[0] * conv[0, 0].numel())) ** 0.5
+    assert conv.std().item() == pytest.approx(expected, rel=0.1)
+
+
 def test_tiny_forward_shapes():
     model = S3D(width=0.125, embed_dim=16).eval()
     x = torch.rand(2, 3, 8, 64, 64)
@@ -187,10 +214,39 @@ def test_loader_errors_name_the_problem(tmp_path):
     np.save(pickled, np.array(["a", "b"], dtype=object), allow_pickle=True)
     with pytest.raises(ValueError, match="pickled"):
         load_s3d_howto100m(ckpt, pickled)
-    np.save(tmp_path / "short.npy", np.array(["a"]))
+    # The checkpoint has 3 embedding rows (padding + 2 words): a longer word list cannot fit.
+    np.save(tmp_path / "long.npy", np.array(["a", "b", "c"]))
     with pytest.raises(ValueError, match="rows"):
-        load_s3d_howto100m(ckpt, tmp_path / "short.npy")
+        load_s3d_howto100m(ckpt, tmp_path / "long.npy")
     assert load_s3d_howto100m(ckpt).text is None
+
+
+def test_loader_accepts_a_padded_embedding_and_exposes_max_words_and_case(tmp_path):
+    """The release pads its embedding table past len(words) + 1; MIL-NCE's evaluators tokenise 30 words."""
+    ckpt, _, text = _write_released_layout(tmp_path, S3D(width=0.125), ["a", "b", "c", "d"], seed=5)
+    np.save(tmp_path / "short.npy", np.array(["a", "b"]))  # 5 rows for 2 words: rows 3 and 4 are spare
+    model = load_s3d_howto100m(ckpt, tmp_path / "short.npy", max_words=30)
+    assert model.text.word_embd.weight.shape == (5, 300)
+    torch.testing.assert_close(model.text.word_embd.weight, text["text_module.word_embd.weight"])
+    ids = model.tokenize(["a b " * 20])
+    assert ids.shape == (1, 30) and ids[0].tolist() == [1, 2] * 15
+    cased = load_s3d_howto100m(ckpt, tmp_path / "short.npy", lowercase=False)
+    assert cased.tokenize(["A b"])[0, :2].tolist() == [2, 0] and model.tokenize(["A b"])[0, :2].tolist() == [1, 2]
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"\x00\x01 not a torch file at all " * 20, b"PK\x03\x04 a broken zip", b""],
+    ids=["bytes", "zip", "empty"],
+)
+def test_corrupt_checkpoint_is_a_value_error_naming_the_file(tmp_path, content):
+    bad = tmp_path / "s3d_howto100m.pth"
+    bad.write_bytes(content)
+    with pytest.raises(ValueError, match="s3d_howto100m.pth is not a torch checkpoint"):
+        load_s3d_howto100m(bad)
+    torch.save([torch.zeros(1)], bad)  # a torch file, but not a state dict
+    with pytest.raises(ValueError, match="not an S3D HowTo100M state_dict"):
+        load_s3d_howto100m(bad)
 
 
 def test_loader_reads_a_full_size_checkpoint_with_the_exact_released_keys(tmp_path):

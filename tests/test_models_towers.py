@@ -258,3 +258,104 @@ def test_model_config_builds_through_the_typed_config_machinery():
     cfg = from_dict(ModelConfig, data)
     assert cfg.spaces[0] == SpaceConfig("vt", ["video", "text"]) and cfg.spaces[0].dim == 256
     assert model_config_from_dict(to_dict(cfg)) == cfg
+
+
+def _fit_last_layer(head: torch.nn.Sequential, feats: torch.Tensor, target: torch.Tensor) -> None:
+    """Solve the head's final Linear so that head(feats) == target (least squares, exact for few samples)."""
+    hidden = feats
+    with torch.no_grad():
+        for layer in list(head)[:-1]:
+            hidden = layer(hidden)  # (N, hidden)
+        a = torch.cat([hidden, torch.ones(len(hidden), 1)], dim=1).double()  # (N, hidden + 1)
+        w = torch.linalg.lstsq(a, target.double(), driver="gelsd").solution  # (hidden + 1, K)
+        head[-1].weight.copy_(w[:-1].T.float())
+        head[-1].bias.copy_(w[-1].float())
+
+
+def test_first_labelling_permutation_aligns_the_model_and_survives_export(tmp_path):
+    """Objective relabel -> model.set_audio_permutation -> heads_argmax agrees with the video clusters, also after
+    an export round trip. The audio head is built so that its raw cluster perm[k] is video cluster k."""
+    from eval.clustering import heads_argmax
+    from pipeline.losses import SelfLabelConfig
+    from pipeline.losses.selflabel import SelfLabelling
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        video="s3d_tiny", audio="audio_tiny", spaces=[SpaceConfig("va", ["video", "audio"], dim=8, hidden=16)],
+        selflabel_heads=1, selflabel_clusters=3, size=32, num_frames=4,
+    )  # fmt: skip
+    model = build_model(cfg).eval()
+    n, c = 12, cfg.contracts()
+    batch = {
+        "video": torch.randint(0, 256, (n, 1, 3, 4, 32, 32), dtype=torch.uint8),
+        "audio": torch.randn(n, 1, 1, c["audio"].num_mel_bins, c["audio"].num_frames),
+    }
+    clusters = torch.arange(n) % 3
+    perm = torch.tensor([2, 0, 1])
+    with torch.no_grad():
+        out = model(batch)
+    _fit_last_layer(model.selflabel["video"].heads[0], out["video/feat"][:, 0], 6.0 * F.one_hot(clusters, 3))
+    _fit_last_layer(model.selflabel["audio"].heads[0], out["audio/feat"][:, 0], 6.0 * F.one_hot(perm[clusters], 3))
+    with torch.no_grad():
+        out = model(batch)
+    assert torch.equal(out["video/logits"][0].argmax(-1), clusters)
+    assert torch.equal(out["audio/logits"][0].argmax(-1), perm[clusters])  # the construction holds
+    before = heads_argmax(out["video/logits"].numpy(), out["audio/logits"].numpy())[0]
+    assert (before == clusters.numpy()).mean() < 1.0  # unaligned audio pulls clusters apart
+
+    sl = SelfLabelling(SelfLabelConfig(heads=1, clusters=3, relabels=3), num_samples=n)
+    idx = torch.arange(n)
+    stats = sl.relabel(*sl.relabel_inputs(out), idx)
+    assert torch.equal(stats["audio_perm"], perm[None])
+    assert torch.equal(sl.labels[:, 0], clusters)  # labels name VIDEO clusters
+    model.set_audio_permutation(stats["audio_perm"])
+    with torch.no_grad():
+        aligned = model(batch)
+    torch.testing.assert_close(aligned["video/logits"], out["video/logits"])
+    assert torch.equal(aligned["audio/logits"][0].argmax(-1), clusters)
+    after = heads_argmax(aligned["video/logits"].numpy(), aligned["audio/logits"].numpy())[0]
+    assert (after == sl.labels[:, 0].numpy()).mean() == 1.0
+    terms = sl(aligned, {"idx": idx})  # the loss reads the model's aligned logits against the same labels
+    assert float(terms["selflabel/audio"]) == pytest.approx(float(terms["selflabel/video"]), rel=1e-2)
+    again = sl.relabel(*sl.relabel_inputs(aligned), idx)  # a later labelling: nothing permuted twice
+    assert "audio_perm" not in again and torch.equal(sl.labels[:, 0], clusters)
+
+    save_exported(model, cfg, tmp_path / "export")
+    loaded, _ = load_exported(tmp_path / "export")
+    assert torch.equal(loaded.state_dict()["selflabel.audio.perm"], perm[None])
+    with torch.no_grad():
+        exported = loaded(batch)
+    torch.testing.assert_close(exported["audio/logits"], aligned["audio/logits"])
+    assert (
+        heads_argmax(exported["video/logits"].numpy(), exported["audio/logits"].numpy())[0] == clusters.numpy()
+    ).all()
+
+
+def test_audio_permutation_is_validated_and_old_exports_load_as_identity(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    cfg = fac_config()
+    model = build_model(cfg)
+    for bad, message in [(torch.zeros(2, 4, dtype=torch.long), r"\(H=2, K=5\)"), (torch.zeros(2, 5), "permutation of")]:
+        with pytest.raises(ValueError, match=message):
+            model.set_audio_permutation(bad)
+    with pytest.raises(ValueError, match="no audio self-label heads"):
+        build_model(fac_config(audio=None)).set_audio_permutation(torch.arange(5).repeat(2, 1))
+    save_exported(model, cfg, tmp_path / "old")
+    weights = tmp_path / "old" / "model.safetensors"
+    state = {k: v for k, v in load_file(str(weights)).items() if not k.endswith(".perm")}
+    save_file(state, str(weights))  # an export from before the permutation buffer existed
+    loaded, _ = load_exported(tmp_path / "old")
+    assert torch.equal(loaded.selflabel["audio"].perm, torch.arange(5).repeat(2, 1))
+
+
+@pytest.mark.parametrize("content", [b"", b"\x00" * 64, b"garbage that is not safetensors" * 10])
+def test_corrupt_export_is_a_value_error_naming_the_file(tmp_path, content):
+    cfg = fac_config()
+    save_exported(build_model(cfg), cfg, tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(content)
+    with pytest.raises(ValueError, match="model.safetensors is not a readable safetensors file"):
+        load_exported(tmp_path)
+    (tmp_path / "model.yaml").write_text("video: [unclosed\n")
+    with pytest.raises(ValueError, match="model.yaml is not valid YAML"):
+        load_exported(tmp_path)

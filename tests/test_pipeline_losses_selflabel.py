@@ -180,3 +180,46 @@ def test_build_objective_from_yaml_dict_sums_weighted_terms():
         from_dict(LossConfig, {"gdt": {"hypothesis": 0}})
     with pytest.raises(ValueError, match="names no objective"):
         build_objective(LossConfig(), num_samples=10)
+
+
+def two_gemv_sk(scores: torch.Tensor, lam: float, tol=0.1, max_iters=2000) -> tuple[torch.Tensor, int]:
+    """The previous float32 implementation written plainly: P built whole, two full-matrix GEMVs per iteration."""
+    p = (lam * (scores - scores.amax(1, keepdim=True))).clamp(min=-60.0).exp()
+    n, k = p.shape
+    r, beta, err, counter = torch.full((k,), 1.0 / k), torch.full((n,), 1.0 / n), 1e6, 0
+    while err > tol and counter < max_iters:
+        alpha = r / (beta @ p)
+        beta_new = (1.0 / n) / (p @ alpha)
+        if counter % 10 == 0:
+            err = float((beta / beta_new - 1).abs().sum())
+        beta = beta_new
+        counter += 1
+    return (p * alpha).argmax(1), counter
+
+
+@pytest.fixture
+def two_threads():
+    """Two torch threads, so rows are split over two worker threads (needs >= 2 x 4096 rows)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_fused_threaded_iteration_gives_the_two_gemv_labels_and_iterations(two_threads):
+    scores = sharp_scores(10_000, 30, 2.0, torch.float32)
+    want, want_iters = two_gemv_sk(scores, 25.0)
+    res = sinkhorn(scores, 25.0)
+    assert torch.equal(res.labels, want)
+    assert res.iterations == want_iters
+    assert torch.get_num_threads() == 2  # the workers' single-thread setting does not leak out
+
+
+def test_threaded_ties_use_global_row_indices_and_bad_rows_are_found_in_any_block(two_threads):
+    row = torch.log_softmax(torch.randn(1, 10) * 5, dim=1)
+    labels = sinkhorn_knopp(row.repeat(10_003, 1), 25.0)  # blocks [0, 5001) and [5001, 10003): 5001 % 10 != 0
+    assert torch.equal(labels, torch.arange(10_003) % 10)  # rotation by global row index, across both blocks
+    scores = sharp_scores(10_000, 5, 1.0, torch.float32)
+    scores[9_000, 2] = float("nan")  # in the second thread's block
+    with pytest.raises(ValueError, match="NaN"):
+        sinkhorn_knopp(scores, 20.0)

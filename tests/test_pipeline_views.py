@@ -177,3 +177,31 @@ def test_eval_views_are_deterministic_and_evenly_spaced(raw_samples, tokenizer):
     assert a["meta"]["captions"] and a["text"].shape[0] == len(a["meta"]["captions"])
     whole = sample_views(dict(sample), dataclasses.replace(cfg, eval_windows=0), np.random.default_rng(0), tokenizer)
     assert whole["video"].shape[0] == 1
+
+
+def test_eval_audio_windows_are_the_log_mels_of_their_starts_and_silent_ones_are_zero(raw_samples):
+    cfg = make_cfg(views="eval", eval_windows=3, text=TextConfig(False))
+    sample = checked(raw_samples[3], cfg)
+    out = sample_views(dict(sample), cfg, np.random.default_rng(0), None)
+    video = V.open_video(sample["video"])
+    starts = np.linspace(0, video.num_frames / video.fps - 0.4, 3)
+    wav, sr = A.decode_audio(sample["audio"])
+    for spec, start in zip(out["audio"], starts):  # batched log-mel vs one window at a time
+        assert torch.allclose(spec, A.log_mel(A.audio_window(wav, sr, start, 0.5), sr, 16, 25.0, 10.0), atol=1e-5)
+    silent = sample_views({**sample, "audio": None, "has_audio": False}, cfg, np.random.default_rng(0), None)
+    assert silent["audio"].shape == out["audio"].shape and not silent["audio"].any()
+
+
+@pytest.mark.parametrize("max_tokens", [3, 8, 64])
+def test_caption_rows_are_the_ids_of_encode_batch(raw_samples, tokenizer, max_tokens):
+    """The loader's per-caption encoding gives the same ids and mask as data_prep's batch encoder."""
+    from data_prep.tokenizer import encode_batch
+
+    cfg = make_cfg(views="eval", text=TextConfig(num_captions=4, max_tokens=max_tokens, tokenizer="x"))
+    sample = checked(raw_samples[0], cfg)
+    out = sample_views(dict(sample), cfg, np.random.default_rng(0), tokenizer)
+    captions = [c["text"] for c in sample["meta"]["captions"] if c["text"].strip()]
+    ids, mask = encode_batch(tokenizer, captions, max_tokens)
+    assert out["text"].shape == (len(captions), max_tokens)
+    assert torch.equal(out["text"], ids) and torch.equal(out["text_mask"], mask)
+    assert out["text_mask"].any(1).all()

@@ -11,14 +11,23 @@ API for the training loop (every rank calls the same methods in the same order):
                 v, a = sl.relabel_inputs(model(batch))   # log-softmax (B, H, K) each (a is None without audio)
                 vlp.append(v[:, heads]); alp.append(a[:, heads]); idx.append(batch["idx"])
             stats = sl.relabel(torch.cat(vlp), torch.cat(alp), torch.cat(idx), heads=heads)
+            if "audio_perm" in stats:              # first labelling only
+                model.set_audio_permutation(stats.pop("audio_perm"))
 
 `relabel(video_logp (N_local, |heads|, K) or a list of (N_local, K) per head, audio_logp (same) or None,
 idx (N_local,), *, heads=None, has_audio=None) -> dict` runs the distributed Sinkhorn-Knopp (each rank keeps its
 rows; only K-sized vectors cross ranks, plus one K x K similarity at the first run for modality alignment), then
 all-gathers the (idx, labels) pairs into the label table. The run counts as done once every head was labelled.
-Pass raw (un-aligned) audio log-probs: the audio cluster permutation is applied here and in `forward`.
 
-State in buffers (checkpointed by `state_dict()`): `labels` (N, H) int64, `audio_perm` (H, K), `sizes` (H, K)
+Modality alignment: at the first labelling, each head's audio clusters are matched to its video clusters; the
+permutation is used for that labelling and returned as `stats["audio_perm"]` (H, K) long (heads not aligned yet
+are the identity). The MODEL applies it from then on (SeLaVi permutes the audio head's rows), so exported
+models and `eval.clustering.heads_argmax` see aligned audio logits; `model` above is the unwrapped MultiTower
+(`engine.module` under DeepSpeed / DDP). Neither `forward` nor later labellings permute anything: they take
+the model's (aligned) audio logits as they are.
+
+State in buffers (checkpointed by `state_dict()`): `labels` (N, H) int64, `audio_perm` (H, K) (the alignment found
+at the first labelling, kept as a record; the model's copy is the one applied), `sizes` (H, K)
 drawn cluster sizes (Gaussian / Zipf, drawn once), `runs_done`, `heads_done` (H,).
 
 Loss (SeLaVi): terms `selflabel/video` = mean over heads of CE(video logits, y) and `selflabel/audio` likewise
@@ -81,7 +90,7 @@ class SelfLabelling(nn.Module):
             )
         }
         if "audio/logits" in out:
-            audio = self._aligned_audio(self._check_logits(out["audio/logits"], "audio/logits"))
+            audio = self._check_logits(out["audio/logits"], "audio/logits")  # aligned by the model
             ce = F.cross_entropy(audio.reshape(h * b, k), y.reshape(-1), reduction="none").view(h, b).mean(0)
             has = batch.get("has_audio")
             has = torch.ones(b, dtype=torch.bool, device=ce.device) if has is None else has.bool()
@@ -107,7 +116,7 @@ class SelfLabelling(nn.Module):
 
     @staticmethod
     def relabel_inputs(out: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(video_logp, audio_logp) as (B, H, K) float32 log-softmax of the model's logits (audio raw, un-aligned)."""
+        """(video_logp, audio_logp) as (B, H, K) float32 log-softmax of the model's logits, as the model gives them."""
         video = F.log_softmax(out["video/logits"].detach().float(), dim=-1).transpose(0, 1)
         audio = out.get("audio/logits")
         if audio is not None:
@@ -123,8 +132,12 @@ class SelfLabelling(nn.Module):
         *,
         heads: Sequence[int] | None = None,
         has_audio: torch.Tensor | None = None,
-    ) -> dict[str, float]:
-        """Solve SK for `heads` on this rank's rows (distributed across ranks), write the label table, return stats."""
+    ) -> dict[str, float | torch.Tensor]:
+        """Solve SK for `heads` on this rank's rows (distributed across ranks), write the label table, return stats.
+
+        At the first labelling the stats also hold "audio_perm" (H, K) int64: pass it to
+        `MultiTower.set_audio_permutation` before the model's audio logits are used again.
+        """
         start = time.perf_counter()
         heads = list(range(self.cfg.heads)) if heads is None else [int(h) for h in heads]
         video = _per_head(video_logp, len(heads), "video_logp")
@@ -135,9 +148,11 @@ class SelfLabelling(nn.Module):
         first_run = int(self.runs_done) == 0 and self.cfg.align_modalities and audio is not None
         new, iters, errors = [], [], []
         for j, h in enumerate(heads):
-            if first_run:
-                self.audio_perm[h] = _match_clusters(video[j], audio[j], has).to(self.audio_perm.device)
-            perm = self.audio_perm[h].to(video[j].device)
+            perm = None
+            if first_run:  # the model's audio logits are not aligned yet: align them for this labelling
+                perm = _match_clusters(video[j], audio[j], has)
+                self.audio_perm[h] = perm.to(self.audio_perm.device)
+                perm = perm.to(video[j].device)
             scores = _combine(video[j], None if audio is None else audio[j], perm, has)  # (N_local, K) float32
             target = None
             if self.cfg.marginals != "uniform":
@@ -155,7 +170,7 @@ class SelfLabelling(nn.Module):
             new.append(res.labels)
             iters.append(res.iterations)
             errors.append(res.error)
-        stats = self._write_labels(idx, torch.stack(new, dim=1), heads)
+        stats: dict[str, float | torch.Tensor] = self._write_labels(idx, torch.stack(new, dim=1), heads)
         self.heads_done[heads] = True
         if bool(self.heads_done.all()):
             self.runs_done += 1
@@ -169,6 +184,8 @@ class SelfLabelling(nn.Module):
             }
         )
         log.info("self-labelling heads %s: %s", heads, {k: round(v, 4) for k, v in stats.items()})
+        if first_run:
+            stats["audio_perm"] = self.audio_perm.clone()  # (H, K) for MultiTower.set_audio_permutation
         return stats
 
     def _write_labels(self, idx, labels, heads) -> dict[str, float]:
@@ -206,10 +223,6 @@ class SelfLabelling(nn.Module):
             )
         return logits
 
-    def _aligned_audio(self, audio: torch.Tensor) -> torch.Tensor:
-        h, b, k = audio.shape
-        return torch.gather(audio, 2, self.audio_perm[:, None, :].expand(h, b, k))  # (H, B, K)
-
     def _check_rows(self, video, audio, idx, heads) -> None:
         n, k = idx.shape[0], self.cfg.clusters
         if len(set(heads)) != len(heads) or any(not 0 <= h < self.cfg.heads for h in heads):
@@ -243,13 +256,16 @@ def _as_mask(has_audio, n: int, device) -> torch.Tensor:
 
 
 def _combine(video, audio, perm, has) -> torch.Tensor:
-    """SeLaVi scores 0.5 · (log p_v + log p_a[:, perm]) (video alone where audio is missing), in a new fp32 buffer."""
+    """SeLaVi scores 0.5 · (log p_v + log p_a[:, perm]) (video alone where audio is missing), in a new fp32 buffer.
+
+    `perm` None: the audio columns are already aligned (by the model)."""
     scores = torch.empty(video.shape, dtype=torch.float32, device=video.device)
     for s in range(0, video.shape[0], CHUNK_ROWS):
         rows = scores[s : s + CHUNK_ROWS]
         rows.copy_(video[s : s + CHUNK_ROWS])
         if audio is not None:
-            a = audio[s : s + CHUNK_ROWS].float()[:, perm]  # (c, K) aligned to the video clusters
+            a = audio[s : s + CHUNK_ROWS].float()
+            a = a if perm is None else a[:, perm]  # (c, K) aligned to the video clusters
             rows.copy_(torch.where(has[s : s + CHUNK_ROWS, None], 0.5 * (rows + a), rows))
     return scores
 

@@ -8,8 +8,12 @@ and keeps P in [e^-60, 1] in float32 (e^-600 in float64). The floor makes every 
 input (all rows equal) is still solvable; it matters only where λ·(s_best - s) > 60, which float32 cannot hold anyway.
 
 Memory: P is built in place in row chunks (pass `inplace=True` to reuse the caller's scores buffer), the
-iteration reads P twice (two GEMVs) and never writes it, and the argmax is taken in row chunks, so the peak is
-the N x K matrix plus O(N + K + chunk) (bench/sinkhorn.py measures it).
+iteration never writes it, and the argmax is taken in row chunks, so the peak is the N x K matrix plus
+O(N + K + threads x chunk) (bench/sinkhorn.py measures it).
+
+Speed (CPU): the iteration is memory-bound, so it reads P once per iteration, not twice: each ~2 MiB row chunk
+gives its rows' new β and, while still in cache, its part of the next βᵀP (_scale). Each torch thread owns a
+block of rows and runs single-threaded (_in_threads). The final argmax avoids `max(dim=1)` with indices.
 
 Stopping rule (SeLaVi `optimize_L_sk_gpu`): every `check_every` iterations err = Σ_n |β_n / β_n' - 1|; stop when
 err <= tol (0.1) or after `max_iters` (2000). Distributed: each rank holds its own rows; only the K-sized
@@ -23,6 +27,7 @@ all rows in one cluster.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass
 
@@ -114,18 +119,28 @@ def sinkhorn(
 
     clock = [_now(scores.device)]
     p = scores if inplace and scores.dtype == dtype else scores.to(dtype=dtype, copy=True)
-    chunk = max(1, (2 << 20 if p.device.type == "cpu" else 1 << 28) // (k * p.element_size()))
-    _exp_rows_(p, lam, chunk)
-    clock.append(_now(p.device))
-    flushed = torch.set_flush_denormal(True)
+    cpu = p.device.type == "cpu"
+    chunk = max(1, (2 << 20 if cpu else 1 << 28) // (k * p.element_size()))
+    threads = torch.get_num_threads()
+    # CPU: each of the torch threads owns a contiguous block of rows (see _in_threads). GPU: one block.
+    parts = _row_parts(n_local, threads if cpu else 1)
     try:
-        alpha, beta, iterations, err = _scale(p, r, n, max_iters, tol, check_every, sync)
+        colsum = _exp_rows_(p, lam, chunk, parts)
+        clock.append(_now(p.device))
+        flushed = torch.set_flush_denormal(True)
+        try:
+            # CPU: a ~2 MiB chunk read from memory by the iteration's first GEMV is still in cache for its second.
+            # GPU: one chunk (the whole block): its cache is small next to the matrix and launches cost more.
+            pass_rows = chunk if cpu else max(1, n_local)
+            alpha, beta, iterations, err = _scale(p, colsum, r, n, max_iters, tol, check_every, sync, pass_rows, parts)
+        finally:
+            if flushed:
+                torch.set_flush_denormal(False)
+        clock.append(_now(p.device))
+        labels = _argmax_rows(p, alpha, offset, chunk, parts)
+        clock.append(_now(p.device))
     finally:
-        if flushed:
-            torch.set_flush_denormal(False)
-    clock.append(_now(p.device))
-    labels = _argmax_rows(p, alpha, offset, chunk)
-    clock.append(_now(p.device))
+        torch.set_num_threads(threads)  # the workers set torch's process-wide default to 1; give it back
     seconds = {name: clock[i + 1] - clock[i] for i, name in enumerate(("prep", "iterate", "argmax"))}
     return SinkhornResult(labels, alpha, beta, iterations, err, seconds)
 
@@ -145,34 +160,97 @@ def _column_marginals(target, k, dtype, device) -> torch.Tensor:
     return target / target.sum()
 
 
+def _row_parts(n_rows: int, threads: int) -> list[slice]:
+    """Contiguous row blocks, one per thread (fewer when there are few rows)."""
+    threads = max(1, min(threads, n_rows // 4096))
+    bounds = [n_rows * i // threads for i in range(threads + 1)]
+    return [slice(bounds[i], bounds[i + 1]) for i in range(threads)]
+
+
+def _in_threads(fn, parts: list[slice]) -> list:
+    """[fn(part) for part in parts], one Python thread per part, each running torch single-threaded.
+
+    The work is a long series of small in-cache ops per row chunk. Splitting each op over torch's threads costs a
+    fork/join per op, and on a shared machine a descheduled thread stalls every one of them; a thread per block
+    of rows synchronises once per pass instead. torch releases the GIL inside its ops.
+    """
+    if len(parts) == 1:
+        return [fn(parts[0])]
+    results: list = [None] * len(parts)
+    errors: list[BaseException] = []
+
+    def work(i: int) -> None:
+        torch.set_num_threads(1)
+        torch.set_flush_denormal(True)  # this thread's own flag; it dies with the thread
+        try:
+            results[i] = fn(parts[i])
+        except BaseException as e:  # re-raised in the caller's thread
+            errors.append(e)
+
+    workers = [threading.Thread(target=work, args=(i,), name=f"sinkhorn-{i}") for i in range(len(parts))]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    if errors:
+        raise errors[0]
+    return results
+
+
 @torch.no_grad()
-def _exp_rows_(p: torch.Tensor, lam: float, chunk: int) -> None:
-    """p <- exp(max(lam * (p - rowmax), floor)) in place, chunk rows at a time (each chunk stays in cache)."""
+def _exp_rows_(p: torch.Tensor, lam: float, chunk: int, parts: list[slice]) -> torch.Tensor:
+    """p <- exp(max(lam * (p - rowmax), floor)) in place, chunk rows at a time; returns P's column sums (K,),
+    taken while each chunk is still in cache (they are the first iteration's beta^T P, up to beta = 1/N)."""
     floor = EXP_FLOOR[p.dtype]
-    bad = torch.zeros((), dtype=torch.bool, device=p.device)
-    for rows in p.split(chunk):
-        top = rows.amax(dim=1, keepdim=True)  # (c, 1); NaN anywhere in the row propagates here
-        bad |= ~torch.isfinite(top).all()
-        rows.sub_(top).mul_(lam).clamp_(min=floor).exp_()
-    if bool(bad):
+    ones = torch.ones(chunk, dtype=p.dtype, device=p.device)
+
+    def block(part: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        bad = torch.zeros((), dtype=torch.bool, device=p.device)
+        colsum = torch.zeros(p.shape[1], dtype=p.dtype, device=p.device)
+        for rows in p[part].split(chunk):
+            top = rows.amax(dim=1, keepdim=True)  # (c, 1); NaN anywhere in the row propagates here
+            bad |= ~torch.isfinite(top).all()
+            rows.sub_(top).mul_(lam).clamp_(min=floor).exp_()
+            colsum.addmv_(rows.t(), ones[: rows.shape[0]])
+        return colsum, bad
+
+    sums, bads = zip(*_in_threads(block, parts))
+    if bool(sum(bads)):
         raise ValueError("scores contain NaN, +inf, or a row that is entirely -inf")
+    return sum(sums)
 
 
 @torch.no_grad()
-def _scale(p, r, n, max_iters, tol, check_every, sync):
-    """SeLaVi's fixed-point iteration: alpha = r / (beta^T P), beta' = c / (P alpha)."""
+def _scale(p, colsum, r, n, max_iters, tol, check_every, sync, chunk, parts):
+    """SeLaVi's fixed-point iteration: alpha = r / (beta^T P), beta' = c / (P alpha), with c = 1/N.
+
+    One pass over P per iteration instead of two: chunk by chunk, beta' = c / (P_chunk alpha) and then, while the
+    chunk is still in cache, the next iteration's column sums += beta'^T P_chunk. The iterates are SeLaVi's; only
+    the order of the float additions in beta^T P changes. `colsum` (K,) holds P's column sums (beta = c)."""
     c = 1.0 / n
+    colsum = colsum.mul_(c)
     beta = torch.full((p.shape[0],), c, dtype=p.dtype, device=p.device)
+    beta_new = torch.empty_like(beta)
     err = float("inf")
     it = 0
     for it in range(1, max_iters + 1):
-        colsum = all_reduce_sum(beta @ p) if sync else beta @ p  # (K,)
-        alpha = r / colsum
-        beta_new = c / (p @ alpha)  # (N,)
+        colsum = all_reduce_sum(colsum) if sync else colsum
+        alpha = r / colsum  # (K,)
+        alpha_n = alpha * n  # 1 / (P_chunk (alpha / c)) = c / (P_chunk alpha), one op fewer per chunk
+
+        def block(part: slice, beta_new=beta_new, alpha_n=alpha_n) -> torch.Tensor:
+            partial = torch.zeros_like(alpha_n)
+            for rows, b in zip(p[part].split(chunk), beta_new[part].split(chunk)):
+                torch.mv(rows, alpha_n, out=b)  # (c,)
+                b.reciprocal_()
+                partial.addmv_(rows.t(), b)  # (K,): rows are still in cache
+            return partial
+
+        colsum = sum(_in_threads(block, parts))
         if (it - 1) % check_every == 0:
             local = (beta / beta_new - 1).abs().sum()
             err = float(all_reduce_sum(local) if sync else local)
-        beta = beta_new
+        beta, beta_new = beta_new, beta
         if err <= tol:
             break
     if not err <= tol:
@@ -181,25 +259,39 @@ def _scale(p, r, n, max_iters, tol, check_every, sync):
 
 
 @torch.no_grad()
-def _argmax_rows(p: torch.Tensor, alpha: torch.Tensor, offset: int, chunk: int) -> torch.Tensor:
+def _argmax_rows(p: torch.Tensor, alpha: torch.Tensor, offset: int, chunk: int, parts: list[slice]) -> torch.Tensor:
     """argmax_k P[n, k] alpha[k] (beta_n does not move it); entries within TIE_TOL of the row's best are ties,
-    resolved by the first column in an order rotated by the row's global index."""
+    resolved by the first column in an order rotated by the row's global index.
+
+    Counted, not searched: `max(dim=1)` with indices is several times slower than `amax`, so a row's entries at or
+    above (1 - TIE_TOL) x its best are marked 1.0, and a row sum and a GEMV give their count and the sum of their
+    columns. A count of 1 makes that sum the argmax; a count above 1 is a tie."""
     k = p.shape[1]
     labels = torch.empty(p.shape[0], dtype=torch.int64, device=p.device)
-    for start in range(0, p.shape[0], chunk):
-        q = p[start : start + chunk] * alpha  # (c, K)
-        best, label = q.max(dim=1)
-        q[torch.arange(q.shape[0], device=q.device), label] = 0  # the runner-up decides whether the row is tied
-        tied = q.amax(dim=1) >= best * (1 - TIE_TOL)
-        if bool(tied.any()):
-            rows = tied.nonzero()[:, 0]
-            q = p[start + rows] * alpha  # (t, K)
-            near = q >= best[rows, None] * (1 - TIE_TOL)
-            ids = (offset + start + rows).to(p.dtype)
-            cols = torch.arange(k, dtype=p.dtype, device=p.device)
-            order = torch.remainder(cols[None, :] - ids[:, None], k)  # (t, K): 0..K-1, rotated per row
-            label[rows] = (k - order).mul_(near).argmax(dim=1)
-        labels[start : start + label.shape[0]] = label
+    cols = torch.arange(k, dtype=p.dtype, device=p.device)
+    # Allocated here, not in the workers: each new thread would otherwise leave its own freed copy in its malloc arena.
+    buffers = torch.empty(len(parts), min(chunk, p.shape[0]), k, dtype=p.dtype, device=p.device)
+
+    def block(part: slice) -> None:
+        q = buffers[parts.index(part)]
+        for start in range(part.start, part.stop, chunk):
+            rows = p[start : min(start + chunk, part.stop)]
+            near = torch.mul(rows, alpha, out=q[: rows.shape[0]])  # (c, K) plan entries up to beta_n
+            threshold = near.amax(dim=1, keepdim=True).mul_(1 - TIE_TOL)  # (c, 1)
+            torch.ge(near, threshold, out=near)  # 1.0 where near the row's best
+            count = near.sum(dim=1)  # (c,)
+            label = torch.mv(near, cols).long()  # (c,); exact while K < 2**24 (a single nonzero term)
+            tied = count > 1.5
+            if bool(tied.any()):
+                tie_rows = tied.nonzero()[:, 0]
+                plan = p[start + tie_rows] * alpha  # (t, K)
+                tie_near = plan >= plan.amax(dim=1, keepdim=True) * (1 - TIE_TOL)
+                ids = (offset + start + tie_rows).to(p.dtype)
+                order = torch.remainder(cols[None, :] - ids[:, None], k)  # (t, K): 0..K-1, rotated per row
+                label[tie_rows] = (k - order).mul_(tie_near).argmax(dim=1)
+            labels[start : start + label.shape[0]] = label
+
+    _in_threads(block, parts)
     return labels
 
 

@@ -1,0 +1,203 @@
+"""The files of an embedding directory: read a complete one, write a rank's parts, merge the parts.
+
+Layout (rows ordered by sample idx):
+
+    meta.jsonl               one line per video row: row, idx, id, label, captions, has_audio, windows
+    <modality>@<space>.npy   float16 (N, D), L2-normalised mean of the N windows' normalised embeddings
+    video@<space>.windows.npy  float16 (N, W, D) per-window embeddings (for time windows in search)
+    text@<space>.npy         float16 (C, D), one row per caption, videos in row order, captions in meta order
+    caption_video.npy        int64 (C,), the video row of each caption row
+    video_logits.npy, audio_logits.npy   float16 (H, N, K) self-label head logits (the heads read window 0)
+    embed.json               written last: what was embedded, and that the directory is complete
+
+Parts (`parts/rank<r>-<seq>.npz`) hold float16 arrays, `idx` (n,), `text_count` (n,) and a JSON `meta` list. The
+merge reads one part at a time and writes into memory-mapped outputs, so its peak memory is about one part
+plus the metadata, not the whole corpus (a 1M-video x 4-window x 512-d run is ~4 GB of float16 windows alone).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+COMPLETE = "embed.json"
+_INDEX_KEYS = ("idx", "meta", "text_count")  # part members that are bookkeeping, not embeddings
+
+
+@dataclass
+class Embeddings:
+    """An embedding directory in memory (arrays are memory-mapped, float16 on disk)."""
+
+    root: Path
+    meta: list[dict]
+    arrays: dict[str, np.ndarray]
+    caption_video: np.ndarray
+    info: dict = field(default_factory=dict)
+
+    def get(self, name: str) -> np.ndarray:
+        """Array `name` (e.g. "video@vt") as float32; ValueError listing what exists when absent."""
+        if name not in self.arrays:
+            raise ValueError(f"{self.root}: no {name}.npy (have: {', '.join(sorted(self.arrays)) or 'none'})")
+        return np.asarray(self.arrays[name], dtype=np.float32)
+
+    @property
+    def idx(self) -> np.ndarray:
+        return np.array([m["idx"] for m in self.meta], dtype=np.int64)
+
+    @property
+    def has_audio(self) -> np.ndarray:
+        return np.array([bool(m.get("has_audio", True)) for m in self.meta])
+
+    def labels(self, names: list[str] | None = None) -> tuple[np.ndarray, list[str]]:
+        """Integer class per row (-1 where unknown) and the class names (sorted, or `names` to share codes)."""
+        raw = [m.get("label") for m in self.meta]
+        names = names if names is not None else sorted({str(x) for x in raw if x is not None and x != -1})
+        code = {n: i for i, n in enumerate(names)}
+        return np.array([code.get(str(x), -1) if x is not None else -1 for x in raw], dtype=np.int64), names
+
+
+def read_embeddings(root: str | Path) -> Embeddings:
+    """Open an embedding directory written by `eval.embed.extract_embeddings`."""
+    root = Path(root)
+    if not (root / COMPLETE).is_file():
+        raise ValueError(f"{root} is not a complete embedding directory (no {COMPLETE}); run `vatp embed` first")
+    with open(root / "meta.jsonl", encoding="utf-8") as f:
+        meta = [json.loads(line) for line in f if line.strip()]
+    arrays = {p.name[:-4]: np.load(p, mmap_mode="r", allow_pickle=False) for p in sorted(root.glob("*.npy"))}
+    caption_video = np.asarray(arrays.pop("caption_video", np.zeros(0, dtype=np.int64)))
+    for name, a in arrays.items():
+        rows = a.shape[1] if name.endswith("_logits") else a.shape[0]
+        expect = len(caption_video) if name.startswith("text@") else len(meta)
+        if rows != expect:
+            raise ValueError(f"{root}/{name}.npy has {rows} rows, expected {expect}")
+    info = json.loads((root / COMPLETE).read_text(encoding="utf-8"))
+    return Embeddings(root, meta, arrays, caption_video, info)
+
+
+def write_part(stem: Path, rows: list[dict]) -> None:
+    """Write batches of embedded rows as one part `stem.npz` (float arrays as float16), atomically."""
+    arrays: dict[str, np.ndarray] = {}
+    for name in rows[0]:
+        if name == "meta":
+            continue
+        axis = 1 if name.endswith("_logits") else 0
+        a = np.concatenate([r[name] for r in rows], axis=axis)
+        arrays[name] = a.astype(np.float16) if a.dtype.kind == "f" else a
+    arrays["meta"] = np.array(json.dumps([m for r in rows for m in r["meta"]]))
+    tmp = stem.with_name(f".{stem.name}.tmp")  # outside the rank*-*.npz pattern until complete
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    os.replace(tmp, stem.with_suffix(".npz"))
+
+
+def done_idx(parts: Path) -> np.ndarray:
+    """Sorted unique sample idx already in `parts/` (for `np.searchsorted` membership tests)."""
+    found = []
+    for p in sorted(parts.glob("rank*-*.npz")):
+        with np.load(p, allow_pickle=False) as z:
+            found.append(z["idx"].astype(np.int64))
+    return np.unique(np.concatenate(found)) if found else np.zeros(0, dtype=np.int64)
+
+
+def is_done(idx: np.ndarray, done: np.ndarray) -> np.ndarray:
+    """Boolean mask of the entries of `idx` present in the sorted array `done`: O(len(idx) log len(done))."""
+    idx = np.asarray(idx, dtype=np.int64)
+    if done.size == 0:
+        return np.zeros(idx.shape, dtype=bool)
+    pos = np.minimum(np.searchsorted(done, idx), done.size - 1)
+    return done[pos] == idx
+
+
+def merge_parts(out: str | Path, *, expected: int | None = None, info: dict | None = None) -> dict:
+    """Merge `out/parts/*.npz` into the final files (rows sorted by idx, duplicates dropped), part by part."""
+    out = Path(out)
+    files = sorted((out / "parts").glob("rank*-*.npz"))
+    if not files:
+        raise ValueError(f"{out}/parts has no embedding parts: the loader yielded no samples")
+    # Pass 1: the small bookkeeping members of every part -> where each part row goes.
+    idx, counts, meta, shapes = [], [], [], {}
+    for p in files:
+        with np.load(p, allow_pickle=False) as z:
+            idx.append(z["idx"].astype(np.int64))
+            counts.append(z["text_count"].astype(np.int64) if "text_count" in z.files else None)
+            meta.extend(json.loads(str(z["meta"])))
+            for name in z.files:
+                if name not in _INDEX_KEYS and name not in shapes:
+                    shapes[name] = z[name].shape
+    sizes = [len(i) for i in idx]
+    all_idx = np.concatenate(idx)
+    order = np.argsort(all_idx, kind="stable")
+    uniq = np.concatenate([[True], np.diff(all_idx[order]) != 0])
+    dupes = int((~uniq).sum())
+    order = order[uniq]  # global part row of each output row
+    if dupes:
+        log.warning("%d samples were embedded twice (overlapping ranks or resumed runs); kept the first", dupes)
+    dest = np.full(len(all_idx), -1, dtype=np.int64)  # output row of each global part row (-1: dropped duplicate)
+    dest[order] = np.arange(len(order))
+    n = len(order)
+    names = sorted(shapes)
+    text_names = [m for m in names if m.startswith("text@")]
+    cap_counts = np.concatenate(counts) if text_names else np.zeros(len(all_idx), dtype=np.int64)
+    cap_start = np.concatenate([[0], np.cumsum(cap_counts[order])])  # (N+1,) output caption offsets
+    outputs = {}
+    for name in names:
+        shape = list(shapes[name])
+        shape[1 if name.endswith("_logits") else 0] = int(cap_start[-1]) if name in text_names else n
+        outputs[name] = np.lib.format.open_memmap(_tmp(out, name), mode="w+", dtype=np.float16, shape=tuple(shape))
+    # Pass 2: each part's arrays straight into their output rows.
+    first = 0
+    for p, size in zip(files, sizes):
+        rows = dest[first : first + size]  # (n_part,)
+        keep = rows >= 0
+        with np.load(p, allow_pickle=False) as z:
+            for name in names:
+                if name not in z.files:
+                    raise ValueError(f"{p} has no {name!r} although other parts do (mixed models in one directory?)")
+                a = z[name]
+                if name in text_names:
+                    local = cap_counts[first : first + size]
+                    owner = np.repeat(np.arange(size), local)  # (c_part,) the part row of each caption
+                    rank_in_video = np.arange(len(owner)) - np.repeat(np.cumsum(local) - local, local)
+                    ok = keep[owner]
+                    outputs[name][cap_start[rows[owner[ok]]] + rank_in_video[ok]] = a[ok]
+                elif name.endswith("_logits"):
+                    outputs[name][:, rows[keep]] = a[:, keep]
+                else:
+                    outputs[name][rows[keep]] = a[keep]
+        first += size
+    for mm in outputs.values():
+        mm.flush()
+    outputs.clear()  # drop the maps before the files move into place
+    for name in names:
+        os.replace(_tmp(out, name), out / f"{name}.npy")
+    if text_names:
+        np.save(out / "caption_video.npy", np.repeat(np.arange(n), cap_counts[order]).astype(np.int64))
+    with open(out / "meta.jsonl", "w", encoding="utf-8") as f:
+        for row, i in enumerate(order.tolist()):
+            f.write(json.dumps({"row": row, **meta[i]}) + "\n")
+    if expected is not None and n != expected:
+        log.warning("embedded %d samples but the dataset lists %d", n, expected)
+    summary = {"rows": int(n), "duplicates": dupes, "arrays": names}
+    (out / COMPLETE).write_text(json.dumps({**(info or {}), **summary}, indent=1), encoding="utf-8")
+    shutil.rmtree(out / "parts")
+    return summary
+
+
+def save_array(path: Path, a: np.ndarray) -> None:
+    """Write `a` as float16 `.npy` atomically (a crash never leaves a readable half-array)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, a.astype(np.float16))
+    os.replace(tmp, path)
+
+
+def _tmp(out: Path, name: str) -> Path:
+    return out / f".{name}.npy.tmp"  # not *.npy, so read_embeddings never sees a half-written array

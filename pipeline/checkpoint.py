@@ -1,0 +1,216 @@
+"""Run directories and checkpoints: what survives a restart, written so that a crash never leaves a bad `latest`.
+
+```
+<runs>/<name>/config.yaml            resolved config of the latest (re)start
+<runs>/<name>/launches.jsonl         one line per (re)start: time, world size, resumed tag, package versions
+<runs>/<name>/metrics.jsonl, tb/     written by the training loop
+<runs>/<name>/checkpoints/<tag>/     DeepSpeed files + vatp_rank<r>.pt (loader/RNG state) + vatp_meta.json
+<runs>/<name>/checkpoints/latest     the tag of the newest *complete* checkpoint
+<runs>/<name>/export/                `vatp export`: fp32 safetensors + model config
+```
+
+A checkpoint is complete once every rank wrote its files and rank 0 wrote `vatp_meta.json`; only
+then does `latest` move (an atomic rename). A run killed while saving resumes from the previous tag.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import shutil
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+META = "vatp_meta.json"
+LATEST = "latest"
+CLIENT_KEY = "vatp"  # DeepSpeed mixes its own keys into client_state; ours live under this one
+
+
+def prepare_run_dir(runs_dir: str | Path, name: str, *, resume: bool) -> Path:
+    """Return `<runs_dir>/<name>`, refusing to reuse a started run unless resuming (and to resume nothing)."""
+    run_dir = Path(runs_dir) / name
+    started = (run_dir / "config.yaml").exists() or (run_dir / "checkpoints").exists()
+    if resume and latest_tag(run_dir) is None:
+        raise ValueError(f"--resume: no complete checkpoint under {run_dir}/checkpoints (nothing to resume)")
+    if started and not resume:
+        raise ValueError(
+            f"run directory {run_dir} already holds a run: pass --resume to continue it, "
+            f"or choose another run.name (e.g. --set run.name={name}-2)"
+        )
+    return run_dir
+
+
+def package_versions() -> dict[str, str]:
+    """Versions worth knowing when a run is compared or reproduced later."""
+    import deepspeed
+    import numpy
+
+    versions = {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__}
+    versions["deepspeed"] = deepspeed.__version__
+    versions["cuda"] = torch.version.cuda or "none"
+    for name in ("webdataset", "vatp"):
+        try:
+            from importlib.metadata import version
+
+            versions[name] = version(name)
+        except Exception:  # noqa: BLE001 - a missing distribution is reported, not fatal
+            versions[name] = "unknown"
+    return versions
+
+
+def record_launch(run_dir: Path, *, world_size: int, resumed_from: str | None) -> None:
+    """Append this (re)start to `launches.jsonl` (rank 0 only)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    line = {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "host": platform.node(),
+        "world_size": world_size,
+        "resumed_from": resumed_from,
+        "versions": package_versions(),
+    }
+    with open(run_dir / "launches.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps(line) + "\n")
+
+
+def latest_tag(run_dir: str | Path) -> str | None:
+    """The tag `checkpoints/latest` names, or None when there is no complete checkpoint yet."""
+    ckpt_dir = Path(run_dir) / "checkpoints"
+    latest = ckpt_dir / LATEST
+    if not latest.is_file():
+        return None
+    tag = latest.read_text(encoding="utf-8").strip()
+    if not tag or not (ckpt_dir / tag / META).is_file():
+        raise ValueError(f"{latest} names {tag!r}, which is not a complete checkpoint (missing {META})")
+    return tag
+
+
+def save_checkpoint(
+    engine: Any,
+    run_dir: Path,
+    *,
+    step: int,
+    client_state: dict,
+    rank_state: dict,
+    keep: int,
+    rank: int,
+    world_size: int,
+) -> str:
+    """Save engine + optimizer + scheduler (DeepSpeed), `client_state` (rank 0's copy) and every rank's
+    `rank_state`; then mark the tag complete and point `latest` at it. Every rank must call this."""
+    ckpt_dir = run_dir / "checkpoints"
+    tag = f"step_{step:08d}"
+    if (ckpt_dir / tag / META).is_file():
+        return tag  # this step is saved already (a signal inside an accumulation cycle); never rewrite `latest`
+    if rank == 0 and (ckpt_dir / tag).exists():
+        shutil.rmtree(ckpt_dir / tag)  # leftovers of a save that was killed: never complete, never latest
+    _barrier(world_size)
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={CLIENT_KEY: client_state}, save_latest=False)
+    torch.save(rank_state, ckpt_dir / tag / f"vatp_rank{rank:05d}.pt")
+    _barrier(world_size)
+    if rank == 0:
+        meta = {"step": step, "world_size": world_size, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        _write_atomic(ckpt_dir / tag / META, json.dumps(meta) + "\n")
+        _write_atomic(ckpt_dir / LATEST, tag + "\n")
+        _prune(ckpt_dir, keep=keep, current=tag)
+    _barrier(world_size)
+    return tag
+
+
+def load_checkpoint(engine: Any, run_dir: Path, *, rank: int, world_size: int) -> tuple[str, dict, dict]:
+    """Load `latest` into `engine` (weights, optimizer, scheduler) and return `(tag, client_state, rank_state)`."""
+    tag = latest_tag(run_dir)
+    if tag is None:
+        raise ValueError(f"no complete checkpoint under {run_dir}/checkpoints")
+    ckpt_dir = run_dir / "checkpoints"
+    meta = json.loads((ckpt_dir / tag / META).read_text(encoding="utf-8"))
+    if meta["world_size"] != world_size:
+        raise ValueError(
+            f"{ckpt_dir / tag} was saved by {meta['world_size']} ranks, this run has {world_size}: convert it with "
+            f"`python -m deepspeed.checkpoint.ds_to_universal` (docs/training.md) or launch {meta['world_size']} ranks"
+        )
+    path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+    if path is None:
+        raise ValueError(f"DeepSpeed could not load {ckpt_dir / tag}")
+    rank_state = torch.load(ckpt_dir / tag / f"vatp_rank{rank:05d}.pt", map_location="cpu", weights_only=True)
+    return tag, client_state[CLIENT_KEY], rank_state
+
+
+class StopRequest:
+    """Turns SIGTERM / SIGUSR1 (SLURM pre-emption, `scancel --signal`) into a flag the loop polls between steps."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+        self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signal_name = signal.Signals(signum).name
+
+    def restore(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+def _prune(ckpt_dir: Path, *, keep: int, current: str) -> None:
+    """Keep the newest `keep` complete checkpoints; drop older ones and any incomplete leftovers."""
+    tags = sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith("step_"))
+    complete = [t for t in tags if (ckpt_dir / t / META).is_file()]
+    doomed = set(complete[:-keep]) | {t for t in tags if t not in complete and t < current}
+    for t in sorted(doomed - {current}):
+        shutil.rmtree(ckpt_dir / t, ignore_errors=True)
+        log.debug("removed old checkpoint %s", t)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _barrier(world_size: int) -> None:
+    if world_size > 1:
+        dist.barrier()
+
+
+def export_run(run_dir: str | Path, *, tag: str | None = None, out_dir: str | Path | None = None) -> Path:
+    """Write `<out_dir or run_dir/export>/{model.safetensors, model.yaml}` (fp32) from checkpoint `tag` (default
+    `latest`), plus the run's tokenizer when the model has a text tower. Needs no process group."""
+    from models.towers import build_model, save_exported
+    from pipeline.config import load_yaml
+    from pipeline.engine import fp32_state_dict
+    from pipeline.train_config import train_config_from_dict
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise ValueError(f"{run_dir} is not a run directory (no config.yaml)")
+    cfg = train_config_from_dict(load_yaml(run_dir / "config.yaml"), where=str(run_dir / "config.yaml"))
+    tag = tag or latest_tag(run_dir)
+    if tag is None or not (run_dir / "checkpoints" / tag / META).is_file():
+        raise ValueError(f"{run_dir}: no complete checkpoint {tag or '(latest)'} to export")
+    model = build_model(cfg.model)
+    missing, unexpected = model.load_state_dict(fp32_state_dict(run_dir / "checkpoints", tag), strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{run_dir}/checkpoints/{tag} does not match config.yaml: missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}")  # fmt: skip
+    out = Path(out_dir) if out_dir is not None else run_dir / "export"
+    save_exported(model, cfg.model, out)
+    if cfg.model.text is not None:
+        tokenizer = cfg.data.text.tokenizer or str(Path(cfg.data.datasets[0].path) / "tokenizer.model")
+        if Path(tokenizer).is_file():
+            shutil.copyfile(tokenizer, out / "tokenizer.model")
+    (out / "export.json").write_text(json.dumps({"run": str(run_dir), "tag": tag}) + "\n", encoding="utf-8")
+    log.info("exported %s/checkpoints/%s to %s", run_dir, tag, out)
+    return out

@@ -1,0 +1,110 @@
+"""Typed configuration of a training run: `TrainConfig` composes each component's own config.
+
+A recipe (launch/configs/*.yaml) is one mapping with the sections below; `load_train_config` builds
+and checks it. Every knob is documented in docs/training.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from models.towers import ModelConfig
+from pipeline.config import ConfigError, apply_overrides, from_dict, load_yaml
+from pipeline.data import DataConfig
+from pipeline.losses import LossConfig
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """Where the run lives, how long it is, and how it is batched and checkpointed."""
+
+    name: str
+    steps: int  # optimizer steps (not micro-batches)
+    batch_size: int  # global clips per optimizer step = per-rank micro-batch x ranks x grad_accum
+    runs_dir: str = "runs"
+    grad_accum: int = 1
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    zero_stage: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = 0
+    log_every: int = 10
+    ckpt_every: int = 1000
+    keep_ckpts: int = 3
+    max_nonfinite: int = 10  # consecutive non-finite losses before the run stops
+    tensorboard: bool = True
+    trace_samples: bool = False  # write <run>/trace/rank<r>.jsonl: sample ids per step + final weight checksum
+
+    def __post_init__(self) -> None:
+        if not self.name or "/" in self.name or self.name.startswith("."):
+            raise ValueError(f"run.name must be a plain directory name, got {self.name!r}")
+        for key in ("steps", "batch_size", "grad_accum", "log_every", "ckpt_every", "keep_ckpts", "max_nonfinite"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"run.{key} must be >= 1, got {getattr(self, key)}")
+        if self.zero_stage not in (0, 1, 2):
+            raise ValueError(f"run.zero_stage must be 0, 1 or 2 (stage 3 is not supported), got {self.zero_stage}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimConfig:
+    """AdamW with linear warmup and a cosine decay; every value is passed to DeepSpeed explicitly."""
+
+    lr: float = 1e-3
+    weight_decay: float = 1e-5  # not applied to biases and norm parameters
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    final_lr_ratio: float = 0.0  # lr at the last step, relative to `lr`
+    clip_grad_norm: float = 0.0  # 0 = off (DeepSpeed 0.19 would otherwise clip at 1.0)
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"optim.lr must be positive, got {self.lr}")
+        if self.warmup_steps < 0 or self.clip_grad_norm < 0 or self.weight_decay < 0:
+            raise ValueError("optim.warmup_steps, optim.clip_grad_norm and optim.weight_decay must be >= 0")
+        if not 0.0 <= self.final_lr_ratio <= 1.0:
+            raise ValueError(f"optim.final_lr_ratio must be in [0, 1], got {self.final_lr_ratio}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalConfig:
+    """The periodic evaluation hook: held-out retrieval every `every` steps (0 = off)."""
+
+    every: int = 0
+    dataset: str = ""  # a built dataset directory (usually the test split)
+    max_samples: int = 512
+
+    def __post_init__(self) -> None:
+        if self.every < 0:
+            raise ValueError(f"eval.every must be >= 0, got {self.every}")
+        if self.every and not self.dataset:
+            raise ValueError("eval.every is set but eval.dataset is empty: name the held-out dataset directory")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """A whole recipe: one section per component."""
+
+    run: RunConfig
+    model: ModelConfig
+    data: DataConfig
+    loss: LossConfig
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def load_train_config(path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
+    """Read a recipe, apply `a.b=value` overrides, and validate it into a `TrainConfig`."""
+    return train_config_from_dict(apply_overrides(load_yaml(path), list(overrides)), where=str(path))
+
+
+def train_config_from_dict(data: dict, *, where: str = "config") -> TrainConfig:
+    """Validate plain data into a `TrainConfig`; errors name the file and the key."""
+    if isinstance(data.get("data"), dict) and "batch_size" in data["data"]:
+        raise ConfigError(f"{where}: data.batch_size is derived from run.batch_size (global); set that instead")
+    try:
+        return from_dict(TrainConfig, data)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None

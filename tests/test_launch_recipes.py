@@ -1,0 +1,87 @@
+"""launch/configs/*.yaml: every recipe validates, documents its command and expected result, has a tiny variant
+of the same shape, and the tiny variants train on the tiny shards."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import pytest
+
+from launch.cmd_train import CONFIGS
+from pipeline.train_config import load_train_config
+
+RECIPES = sorted(p.stem for p in CONFIGS.glob("*.yaml"))
+FULL = [r for r in RECIPES if not r.endswith("_tiny")]
+TINY = [r for r in RECIPES if r.endswith("_tiny")]
+DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "DS_ACCELERATOR")
+
+
+def test_the_five_recipe_families_exist_with_tiny_variants():
+    assert set(FULL) == {"quickstart", "milnce_s3d", "gdt_av", "selavi_av", "mmv_fac"}
+    assert set(TINY) == {f"{r}_tiny" for r in FULL}
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_recipe_validates_and_its_header_gives_command_and_expectation(name):
+    cfg = load_train_config(CONFIGS / f"{name}.yaml")
+    assert cfg.run.name == name
+    header = [line for line in (CONFIGS / f"{name}.yaml").read_text().splitlines() if line.startswith("#")]
+    text = "\n".join(header)
+    assert "vatp " in text or "launch.cli train" in text, f"{name}: no command in the header"
+    assert "Expected" in text, f"{name}: no expected result in the header"
+
+
+@pytest.mark.parametrize("name", FULL)
+def test_tiny_variant_has_the_same_shape_as_its_recipe(name):
+    full, tiny = load_train_config(CONFIGS / f"{name}.yaml"), load_train_config(CONFIGS / f"{name}_tiny.yaml")
+    towers = [m for m in ("video", "audio", "text") if getattr(full.model, m)]
+    assert towers == [m for m in ("video", "audio", "text") if getattr(tiny.model, m)]
+    assert [(s.name, s.modalities, s.source) for s in full.model.spaces] == [
+        (s.name, s.modalities, s.source) for s in tiny.model.spaces
+    ]
+    objectives = [k for k in ("milnce", "gdt", "selflabel") if getattr(full.loss, k) is not None]
+    assert objectives == [k for k in ("milnce", "gdt", "selflabel") if getattr(tiny.loss, k) is not None]
+    assert full.data.views == tiny.data.views
+    assert tiny.run.device == "cpu" and tiny.run.steps <= 4
+
+
+@pytest.fixture(scope="module")
+def dataset(tiny_dataset):
+    from data_prep.tokenizer import train_tokenizer
+
+    if not (tiny_dataset / "tokenizer.model").is_file():
+        train_tokenizer(tiny_dataset, vocab_size=128)
+    return tiny_dataset
+
+
+@pytest.fixture
+def _restore_env():
+    saved = {k: os.environ.get(k) for k in DIST_VARS}
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", TINY)
+def test_tiny_recipe_trains_to_a_finite_loss(name, dataset, tmp_path, _restore_env):
+    from pipeline.train import train
+
+    cfg = load_train_config(
+        CONFIGS / f"{name}.yaml",
+        [f"data.datasets=[{{path: {dataset}}}]", f"run.runs_dir={tmp_path}", "data.num_workers=0",
+         "run.tensorboard=false"],
+    )  # fmt: skip
+    summary = train(cfg)
+    assert summary["step"] == cfg.run.steps
+    last = summary["last"]
+    assert math.isfinite(last["loss"])
+    objectives = [k for k in ("milnce", "gdt", "selflabel") if getattr(cfg.loss, k) is not None]
+    for k in objectives:
+        assert any(key.startswith(f"loss/{k}") for key in last), f"no {k} term logged: {sorted(last)}"
+    assert (Path(summary["run_dir"]) / "checkpoints" / f"step_{cfg.run.steps:08d}").is_dir()

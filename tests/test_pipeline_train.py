@@ -1,0 +1,169 @@
+"""pipeline/train.py end to end on the tiny shards, one CPU process: train -> checkpoint -> resume, NaN handling,
+config errors before any work, export."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import pipeline.train as train_mod
+from launch.cmd_train import CONFIGS
+from pipeline.checkpoint import export_run, latest_tag
+from pipeline.config import ConfigError
+from pipeline.train import TrainingDiverged, train
+from pipeline.train_config import load_train_config
+
+DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "DS_ACCELERATOR")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _restore_launcher_env():
+    """train() fills in the launcher variables of a one-process run; take them out again after this module."""
+    saved = {k: os.environ.get(k) for k in DIST_VARS}
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def dataset(tiny_dataset):
+    """The shared tiny dataset with a tokenizer (trained once; idempotent for other modules)."""
+    from data_prep.tokenizer import train_tokenizer
+
+    if not (tiny_dataset / "tokenizer.model").is_file():
+        train_tokenizer(tiny_dataset, vocab_size=128)
+    return tiny_dataset
+
+
+def tiny_cfg(dataset: Path, runs: Path, *overrides: str):
+    """The quickstart_tiny recipe on the tiny dataset: 2 clips of 4 x 32 x 32, in-process loading."""
+    return load_train_config(
+        CONFIGS / "quickstart_tiny.yaml",
+        [f"data.datasets=[{{path: {dataset}}}]", f"run.runs_dir={runs}", "run.batch_size=2", "data.num_workers=0",
+         "run.tensorboard=false", "run.trace_samples=true", *overrides],
+    )  # fmt: skip
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _trace(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "trace" / "rank0.jsonl").read_text().splitlines()]
+
+
+def test_train_checkpoint_resume_continues_step_counter_and_weights(dataset, tmp_path):
+    first = train(tiny_cfg(dataset, tmp_path, "run.steps=2", "run.ckpt_every=2"))
+    run_dir = Path(first["run_dir"])
+    assert first["step"] == 2 and latest_tag(run_dir) == "step_00000002"
+    assert {"config.yaml", "metrics.jsonl", "launches.jsonl", "checkpoints"} <= {p.name for p in run_dir.iterdir()}
+
+    saved_cfg = load_train_config(run_dir / "config.yaml", ["run.steps=3"])  # what `vatp train <run dir>` loads
+    assert saved_cfg.model == tiny_cfg(dataset, tmp_path).model
+    second = train(saved_cfg, resume=True)
+    assert second["step"] == 3 and latest_tag(run_dir) == "step_00000003"
+    assert second["samples_seen"] == 3 * 2  # counters came back from the checkpoint
+    steps = [m["step"] for m in _metrics(run_dir)]
+    assert steps == [1, 2, 3]
+    assert all(torch.isfinite(torch.tensor(m["loss"])) for m in _metrics(run_dir))
+    trace = _trace(run_dir)
+    starts = [t for t in trace if "start_step" in t]
+    ends = [t for t in trace if "final_step" in t]
+    assert [s["start_step"] for s in starts] == [0, 2]
+    assert starts[1]["param_checksum"] == ends[0]["param_checksum"]  # resumed from exactly the saved weights
+    assert starts[1]["param_checksum"] != ends[1]["param_checksum"]  # and kept training
+    launches = [json.loads(x) for x in (run_dir / "launches.jsonl").read_text().splitlines()]
+    assert [x["resumed_from"] for x in launches] == [None, "step_00000002"]
+    assert "deepspeed" in launches[0]["versions"]
+
+
+@pytest.mark.slow
+def test_injected_nan_batch_is_skipped_and_counted(dataset, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real_build = train_mod.build_model
+
+    def build_with_poison(cfg):
+        model = real_build(cfg)
+
+        def poison(module, inputs, out):
+            calls["n"] += 1
+            if calls["n"] == 2:  # the second micro-batch's embeddings become NaN
+                out["video@vt"] = out["video@vt"] * float("nan")
+            return out
+
+        model.register_forward_hook(poison)
+        return model
+
+    monkeypatch.setattr(train_mod, "build_model", build_with_poison)
+    summary = train(tiny_cfg(dataset, tmp_path, "run.steps=3"))
+    assert summary["nonfinite_total"] == 1
+    assert summary["step"] == 3  # the skipped micro-batch did not count as a step
+    assert calls["n"] == 4
+    assert _metrics(Path(summary["run_dir"]))[-1]["nonfinite_total"] == 1
+    assert _trace(Path(summary["run_dir"]))[-1]["final_step"] == 3
+
+
+@pytest.mark.slow
+def test_persistent_nan_stops_the_run_with_a_clear_message(dataset, tmp_path, monkeypatch):
+    real_build = train_mod.build_model
+
+    def build_nan(cfg):
+        model = real_build(cfg)
+        model.register_forward_hook(lambda m, i, out: {**out, "video@vt": out["video@vt"] * float("nan")})
+        return model
+
+    monkeypatch.setattr(train_mod, "build_model", build_nan)
+    with pytest.raises(TrainingDiverged, match="non-finite for 2 micro-batches in a row at step 0"):
+        train(tiny_cfg(dataset, tmp_path, "run.steps=3", "run.max_nonfinite=2"))
+
+
+def test_unknown_key_and_wrong_type_name_the_key(dataset, tmp_path):
+    with pytest.raises(ConfigError, match="unknown key 'stpes'"):
+        tiny_cfg(dataset, tmp_path, "run.stpes=3")
+    with pytest.raises(ConfigError, match=r"run\.steps: expected an integer, got 'many'"):
+        tiny_cfg(dataset, tmp_path, "run.steps=many")
+    with pytest.raises(ConfigError, match="data.batch_size is derived from run.batch_size"):
+        tiny_cfg(dataset, tmp_path, "data.batch_size=3")
+
+
+def test_missing_dataset_fails_before_any_work(dataset, tmp_path):
+    cfg = tiny_cfg(dataset, tmp_path, f"data.datasets=[{{path: {tmp_path / 'nowhere'}}}]")
+    with pytest.raises(ValueError, match="nowhere"):
+        train(cfg)
+    assert not (tmp_path / cfg.run.name).exists()
+
+
+def test_batch_not_divisible_by_ranks_fails_before_any_work(dataset, tmp_path, monkeypatch):
+    for k, v in dict(RANK="0", WORLD_SIZE="3", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="1").items():
+        monkeypatch.setenv(k, v)
+    cfg = tiny_cfg(dataset, tmp_path, "run.batch_size=4")
+    with pytest.raises(ValueError, match="batch_size=4 is not divisible by ranks x grad_accum = 3 x 1"):
+        train(cfg)  # would hang joining a 3-rank group if the check came after init
+    assert not (tmp_path / cfg.run.name).exists()
+
+
+def test_model_vocab_smaller_than_tokenizer_is_an_error(dataset, tmp_path):
+    with pytest.raises(ValueError, match="raise model.vocab_size"):
+        train(tiny_cfg(dataset, tmp_path, "model.vocab_size=8"))
+
+
+@pytest.mark.slow
+def test_export_writes_fp32_safetensors_that_reload_to_the_trained_weights(dataset, tmp_path):
+    from models.towers import load_exported
+    from pipeline.engine import fp32_state_dict
+
+    summary = train(tiny_cfg(dataset, tmp_path, "run.steps=1"))
+    run_dir = Path(summary["run_dir"])
+    out = export_run(run_dir)
+    assert {"model.safetensors", "model.yaml", "tokenizer.model"} <= {p.name for p in out.iterdir()}
+    model, _ = load_exported(out)
+    saved = fp32_state_dict(run_dir / "checkpoints", latest_tag(run_dir))
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, saved[k], rtol=0, atol=0)
