@@ -231,6 +231,8 @@ def relabel_pass(engine: Any, objective: Objective, data_cfg: DataConfig, *, ran
         audio_all = None if not audio or audio[0] is None else torch.cat(audio)
         stats = sl.relabel(torch.cat(video), audio_all, torch.cat(idx), heads=heads,
                            has_audio=torch.cat(has) if audio_all is not None else None)  # fmt: skip
+        if "audio_perm" in stats:  # first labelling: the model reorders its audio heads from now on
+            engine.module.set_audio_permutation(stats.pop("audio_perm"))
     engine.train()
     return stats
 
