@@ -27,7 +27,7 @@ from models.towers import build_model
 from pipeline.checkpoint import StopRequest, load_checkpoint, prepare_run_dir, record_launch, save_checkpoint
 from pipeline.config import dump_yaml, to_dict
 from pipeline.data import DataConfig, DatasetSource, make_eval_loader, make_train_loader, resolve_inputs, resolve_shards
-from pipeline.engine import build_engine, grad_norm, init_distributed, launch_env, micro_batch_size
+from pipeline.engine import build_engine, grad_norm, init_distributed, launch_env, micro_batch_size, resume_schedule
 from pipeline.losses import Objective, build_objective
 from pipeline.train_config import TrainConfig
 
@@ -73,6 +73,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
         resumed_from, client, rank_state = load_checkpoint(engine, run_dir, rank=rank, world_size=world_size)
         objective.load_state_dict(client["objective"])
         counters.update(client["counters"])
+        resume_schedule(engine, cfg.run, cfg.optim)
         loader.load_state_dict(rank_state["loader"])
         torch.set_rng_state(rank_state["torch_rng"])
         log.info("resumed from %s at step %d", resumed_from, engine.global_steps)
@@ -162,13 +163,14 @@ def train_step(engine: Any, objective: Objective, batch: dict, device: torch.dev
     if not _all_ranks(finite, device):
         return {**metrics, "loss": float("nan")}  # the loop counts it; every rank skips backward and step
     boundary = engine.is_gradient_accumulation_boundary()
+    lr = float(engine.get_lr()[0])  # the rate this optimizer step uses
     engine.backward(loss)
     own_norm = _module_grad_norm(engine.module) if boundary else None
     engine.step()
     if boundary:
         norm = grad_norm(engine)
         metrics["grad_norm"] = own_norm if math.isnan(norm) and own_norm is not None else norm
-        metrics["lr"] = float(engine.get_lr()[0])
+        metrics["lr"] = lr
     return metrics
 
 
@@ -306,7 +308,7 @@ class Window:
     def flush(self, engine: Any, counters: dict, skipped: dict[str, int]) -> dict[str, float]:
         out = {k: self.sums[k] / self.counts[k] for k in self.sums}
         out.setdefault("loss", float("nan"))
-        out["lr"] = float(engine.get_lr()[0])
+        out.setdefault("lr", float(engine.get_lr()[0]))
         out["clips_per_s"] = self.clips / max(self.step_s, 1e-9)
         out["data_wait_frac"] = self.data_s / max(self.step_s, 1e-9)
         out["step_s"] = self.step_s / max(1, self.counts.get("loss", 1))

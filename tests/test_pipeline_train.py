@@ -14,6 +14,7 @@ import pipeline.train as train_mod
 from launch.cmd_train import CONFIGS
 from pipeline.checkpoint import export_run, latest_tag
 from pipeline.config import ConfigError
+from pipeline.schedules import warmup_cosine
 from pipeline.train import TrainingDiverged, train
 from pipeline.train_config import load_train_config
 
@@ -59,10 +60,6 @@ def _trace(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "trace" / "rank0.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.xfail(
-    reason="open bug: weights after a resume equal the checkpoint, so the resumed steps do not update them (issue 6)",
-    strict=False,
-)
 def test_train_checkpoint_resume_continues_step_counter_and_weights(dataset, tmp_path):
     first = train(tiny_cfg(dataset, tmp_path, "run.steps=2", "run.ckpt_every=2"))
     run_dir = Path(first["run_dir"])
@@ -76,6 +73,10 @@ def test_train_checkpoint_resume_continues_step_counter_and_weights(dataset, tmp
     assert second["samples_seen"] == 3 * 2  # counters came back from the checkpoint
     steps = [m["step"] for m in _metrics(run_dir)]
     assert steps == [1, 2, 3]
+    # the resumed step runs on the 3-step schedule, not at the 2-step schedule's final rate of 0
+    expected = saved_cfg.optim.lr * warmup_cosine(2, total_steps=3, warmup_steps=saved_cfg.optim.warmup_steps,
+                                                  final_ratio=saved_cfg.optim.final_lr_ratio)  # fmt: skip
+    assert _metrics(run_dir)[2]["lr"] == pytest.approx(expected) and expected > 0
     assert all(torch.isfinite(torch.tensor(m["loss"])) for m in _metrics(run_dir))
     trace = _trace(run_dir)
     starts = [t for t in trace if "start_step" in t]
