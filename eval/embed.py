@@ -10,7 +10,6 @@ import functools
 import json
 import logging
 import os
-import tarfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from data_prep.shards import iter_json_members, read_dataset_json
 from eval import embed_files
 from eval.embed_files import COMPLETE, Embeddings, merge_parts, read_embeddings
 
@@ -118,7 +118,7 @@ def embed_dataset(
     data_overrides: dict | None = None,
 ) -> dict:
     """Embed every sample of `dataset` with `model` into `out` (see the module docstring); call on every rank."""
-    from pipeline.data import DataConfig, DatasetSource, make_eval_loader, read_dataset_json, resolve_inputs
+    from pipeline.data import DataConfig, DatasetSource, make_eval_loader, resolve_inputs
 
     out = Path(out)
     if not Path(dataset, "dataset.json").is_file() and not Path(dataset, "shards").is_dir():
@@ -138,7 +138,7 @@ def embed_dataset(
     loader = make_eval_loader(cfg, rank=rank, world_size=world_size)
     expected = None
     if Path(dataset, "dataset.json").is_file():
-        expected = int(read_dataset_json(str(dataset))["samples"])
+        expected = int(read_dataset_json(dataset)["samples"])
     info = {"checkpoint": model.path, "kind": model.source, "dataset": str(dataset), "windows": windows}
     info["world_size"] = world_size
     summary = extract_embeddings(
@@ -162,16 +162,17 @@ def add_window_times(out: str | Path, dataset: str | Path, clip_seconds: float, 
     Window starts follow the loader's eval views: `windows` evenly spaced over the sample, clip_seconds long.
     Reads only the shards' `.json` members.
     """
+    from pipeline.views import eval_window_starts
+
     out = Path(out)
     times: dict[int, tuple[float, float]] = {}
     for shard in sorted(Path(dataset, "shards").glob("*.tar")):
-        with tarfile.open(shard, "r:") as tar:
-            for member in tar:
-                if member.isfile() and member.name.endswith(".json"):
-                    m = json.loads(tar.extractfile(member).read())
-                    frames, fps = m.get("num_frames"), m.get("fps")
-                    duration = frames / fps if frames and fps else float(m.get("duration") or 0.0)
-                    times[int(m["idx"])] = (float(m.get("start") or 0.0), duration)
+        for _, m in iter_json_members(shard):
+            if "idx" not in m:
+                continue  # the loader skipped and counted it too
+            frames, fps = m.get("num_frames"), m.get("fps")
+            duration = frames / fps if frames and fps else float(m.get("duration") or 0.0)
+            times[int(m["idx"])] = (float(m.get("start") or 0.0), duration)
     path = out / "meta.jsonl"
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     for r in rows:
@@ -185,17 +186,6 @@ def add_window_times(out: str | Path, dataset: str | Path, clip_seconds: float, 
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     os.replace(tmp, path)
-
-
-def eval_window_starts(duration: float, clip_seconds: float, windows: int) -> list[float]:
-    """Window starts (seconds into the sample) of the loader's eval views: `windows` evenly spaced clips, or one
-    clip at 0 covering the whole sample when `windows` is 0.
-
-    The same formula as pipeline/views.py `sample_eval`, which keeps it inline (no public helper to import yet).
-    """
-    if windows == 0:
-        return [0.0]
-    return np.linspace(0, max(duration - clip_seconds, 0), windows).tolist()
 
 
 def _embed_meta_captions(model: LoadedModel, out: Path) -> None:

@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 RECIPE = Path(__file__).parent / "configs" / "quickstart.yaml"
 SYNTH = dict(videos=200, seed=0, seconds=10.0, width=128, height=96, fps=20)
 BUILD = dict(fps=10, short_side=40, max_seconds=30.0, sample_rate=16000, samples_per_shard=16)
-VOCAB = 256
+VOCAB = 1000  # an upper bound: the synthetic narration has about 190 distinct words
 
 
 def quickstart(out: str | Path, *, videos: int | None = None, steps: int | None = None,
@@ -49,7 +49,7 @@ def quickstart(out: str | Path, *, videos: int | None = None, steps: int | None 
         if not (target / "dataset.json").is_file():
             build_dataset(out / "synth", target, split=split, workers=2, **BUILD)
     if not (train_dir / "tokenizer.model").is_file():
-        train_tokenizer(train_dir, vocab_size=VOCAB)
+        train_tokenizer(train_dir, vocab_size=VOCAB, model_type="bpe")  # whole words; unigram splits them on tiny corpora
     shutil.copyfile(train_dir / "tokenizer.model", test_dir / "tokenizer.model")  # held-out text, training vocab
     pieces = load_tokenizer(train_dir / "tokenizer.model").get_piece_size()
     timings["data_s"] = time.perf_counter() - t0

@@ -14,11 +14,9 @@ Only `.mp4`, `.flac`, `.wav` and `.json` members are ever read from a tar; nothi
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
-import tarfile
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -27,6 +25,7 @@ import numpy as np
 import torch
 import webdataset as wds
 
+from data_prep.shards import iter_json_members, read_dataset_json
 from models.contracts import AudioInput, TextInput, VideoInput
 from pipeline.stages import (
     BatchSamples,
@@ -314,18 +313,6 @@ def resolve_shards(datasets: list[DatasetSource]) -> list[Shard]:
     return shards
 
 
-def read_dataset_json(path: str) -> dict:
-    """`<path>/dataset.json`, checked to be a vatp-shards format 1 description."""
-    file = os.path.join(path, "dataset.json")
-    if not os.path.isfile(file):
-        raise ValueError(f"{path!r} is a directory without dataset.json (build it with `vatp data build`)")
-    with open(file, encoding="utf-8") as f:
-        meta = json.load(f)
-    if meta.get("format") != "vatp-shards" or meta.get("version") != 1:
-        raise ValueError(f"{file}: format {meta.get('format')!r} version {meta.get('version')!r} is not vatp-shards 1")
-    return meta
-
-
 def shard_weights(datasets: list[DatasetSource], shards: list[Shard]) -> np.ndarray:
     """Per-shard draw probabilities: a dataset's share is its weight (or its sample count), spread by shard size."""
     counts = np.array([s.samples if s.samples is not None else 1 for s in shards], dtype=np.float64)
@@ -347,14 +334,9 @@ def scan_labels(urls: list[str]) -> list[str]:
             log.warning("cannot scan %s for labels (not a local file): set data.labels to map labels to ints", url)
             return []
         try:
-            with tarfile.open(url, "r:") as tf:
-                for member in tf:
-                    if member.isfile() and member.name.endswith(".json"):
-                        label = json.loads(tf.extractfile(member).read()).get("label")
-                        if isinstance(label, str):
-                            labels.add(label)
-        except (tarfile.TarError, OSError, ValueError, AttributeError) as e:
-            log.warning("label scan: %s: %s (its samples are counted when the loader reads them)", url, e)
+            labels.update(meta["label"] for _, meta in iter_json_members(url) if isinstance(meta.get("label"), str))
+        except ValueError as e:
+            log.warning("label scan: %s (its samples are counted when the loader reads them)", e)
     return sorted(labels)
 
 

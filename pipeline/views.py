@@ -134,20 +134,24 @@ def sample_selflabel(sample: dict, cfg: DataConfig, rng: np.random.Generator, to
     return out
 
 
+def eval_window_starts(duration: float, clip_seconds: float, windows: int) -> list[float]:
+    """Window starts (seconds into the sample) of the eval view: `windows` evenly spaced clips, the first at 0
+    and the last ending at the sample's end (all at 0 when the sample is shorter than a clip), or, with
+    `windows` 0, one clip at 0 whose frames spread over the whole sample."""
+    if windows == 0:
+        return [0.0]
+    return np.linspace(0, max(duration - clip_seconds, 0), windows).tolist()
+
+
 def sample_eval(sample: dict, cfg: DataConfig, rng: np.random.Generator, tokenizer: Any) -> dict:
     """N uniformly spaced windows (or, with N=0, num_frames spread over the whole clip), centre crop.
 
     Deterministic: `rng` is not used. Text is every caption of the sample (Kmax rows, padded per batch).
     """
     video, duration = _open(sample, cfg)
-    clip_s = _clip_seconds(cfg)
-    if cfg.eval_windows == 0:
-        fps = cfg.num_frames / max(duration, 1e-6)
-        windows = [Vd.decode_clip(video, 0.0, cfg.num_frames, fps)]
-        starts = [0.0]
-    else:
-        starts = np.linspace(0, max(duration - clip_s, 0), cfg.eval_windows).tolist()
-        windows = [Vd.decode_clip(video, s, cfg.num_frames, cfg.fps) for s in starts]
+    starts = eval_window_starts(duration, _clip_seconds(cfg), cfg.eval_windows)
+    fps = cfg.num_frames / max(duration, 1e-6) if cfg.eval_windows == 0 else cfg.fps
+    windows = [Vd.decode_clip(video, s, cfg.num_frames, fps) for s in starts]
     out = _common(sample)
     out["video"] = torch.stack([Vd.center_crop(w, cfg.size) for w in windows])  # (N, C, T, H, W)
     if cfg.audio.enabled:

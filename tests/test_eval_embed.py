@@ -266,7 +266,7 @@ def test_missing_dataset_is_named_before_the_loader_runs(tmp_path):
 
 
 def test_window_times_use_the_loader_formula():
-    from eval.embed import eval_window_starts
+    from pipeline.views import eval_window_starts
 
     assert eval_window_starts(10.0, 3.2, 4) == pytest.approx([0.0, 6.8 / 3, 2 * 6.8 / 3, 6.8])
     assert eval_window_starts(2.0, 3.2, 3) == [0.0, 0.0, 0.0]  # shorter than a clip: every window at 0

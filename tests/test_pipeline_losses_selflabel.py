@@ -118,9 +118,7 @@ def test_loss_is_mean_over_heads_of_cross_entropy_with_aligned_audio():
     terms = sl(out, {"idx": idx, "has_audio": has_audio})
     y = sl.labels[idx]
     video = np.mean([-torch.log_softmax(out["video/logits"][h, b], 0)[y[b, h]] for h in range(2) for b in range(3)])
-    audio = np.mean(
-        [-torch.log_softmax(out["audio/logits"][h, b], 0)[y[b, h]] for h in range(2) for b in (0, 2)]
-    )
+    audio = np.mean([-torch.log_softmax(out["audio/logits"][h, b], 0)[y[b, h]] for h in range(2) for b in (0, 2)])
     assert float(terms["selflabel/video"]) == pytest.approx(float(video), rel=1e-5)
     assert float(terms["selflabel/audio"]) == pytest.approx(float(audio), rel=1e-5)
     with pytest.raises(ValueError, match="batch idx out of range"):
