@@ -10,6 +10,7 @@ complete embedding directories) and resumes an interrupted training run from its
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -94,18 +95,18 @@ def export_random_init(cfg, out_dir: Path, *, tokenizer: Path, calibration_batch
 
     torch.manual_seed(cfg.run.seed)
     model = build_model(cfg.model)
-    calibrate_batchnorm(model, cfg, batches=calibration_batches)
+    data_cfg = dataclasses.replace(cfg.data, batch_size=cfg.run.batch_size)
+    calibrate_batchnorm(model, data_cfg, batches=calibration_batches)
     save_exported(model, cfg.model, out_dir)
     shutil.copyfile(tokenizer, out_dir / "tokenizer.model")
     return out_dir
 
 
 @torch.no_grad()
-def calibrate_batchnorm(model: torch.nn.Module, cfg, *, batches: int) -> None:
-    """Replace every BatchNorm's running statistics by their average over `batches` training batches."""
-    import dataclasses
-
-    from pipeline.data import make_train_loader, resolve_inputs
+def calibrate_batchnorm(model: torch.nn.Module, data_cfg, *, batches: int) -> None:
+    """Replace every BatchNorm's running statistics by their average over the first `batches` eval batches of
+    `data_cfg`'s datasets (fewer when an epoch is shorter); no gradient step. Clip settings come from the model."""
+    from pipeline.data import make_eval_loader, resolve_inputs
 
     norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     momenta = [m.momentum for m in norms]
@@ -113,10 +114,11 @@ def calibrate_batchnorm(model: torch.nn.Module, cfg, *, batches: int) -> None:
         m.reset_running_stats()
         m.momentum = None  # cumulative average
     c = model.input_contracts()
-    data_cfg = resolve_inputs(cfg.data, video=c.get("video"), audio=c.get("audio"), text=c.get("text"))
-    data_cfg = dataclasses.replace(data_cfg, batch_size=cfg.run.batch_size)
+    data_cfg = dataclasses.replace(data_cfg, audio=dataclasses.replace(data_cfg.audio, enabled="audio" in c),
+                                   text=dataclasses.replace(data_cfg.text, enabled="text" in c))  # fmt: skip
+    data_cfg = resolve_inputs(data_cfg, video=c.get("video"), audio=c.get("audio"), text=c.get("text"))
     model.train()
-    for i, batch in enumerate(make_train_loader(data_cfg, rank=0, world_size=1, seed=cfg.run.seed + 1)):
+    for i, batch in enumerate(make_eval_loader(data_cfg)):
         model({k: v for k, v in batch.items() if torch.is_tensor(v)})
         if i + 1 == batches:
             break

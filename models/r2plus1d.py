@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from models.resnet import ResNetTower, downsample, stage_widths
+
 
 class Conv2Plus1D(nn.Sequential):
     """Spatial (1, 3, 3) conv -> BN -> ReLU -> temporal (3, 1, 1) conv; stride `s` applied in both halves."""
@@ -32,23 +34,19 @@ class BasicBlock(nn.Module):
         self.conv1 = nn.Sequential(Conv2Plus1D(cin, cout, mid, stride), nn.BatchNorm3d(cout), nn.ReLU(inplace=True))
         self.conv2 = nn.Sequential(Conv2Plus1D(cout, cout, mid), nn.BatchNorm3d(cout))
         self.relu = nn.ReLU(inplace=True)
-        self.downsample = None
-        if stride != 1 or cin != cout:
-            self.downsample = nn.Sequential(nn.Conv3d(cin, cout, 1, stride, bias=False), nn.BatchNorm3d(cout))
+        self.downsample = downsample(nn.Conv3d, nn.BatchNorm3d, cin, cout, stride)
 
     def forward(self, x: Tensor) -> Tensor:
         residual = x if self.downsample is None else self.downsample(x)
         return self.relu(self.conv2(self.conv1(x)) + residual)
 
 
-class R2Plus1D(nn.Module):
+class R2Plus1D(ResNetTower):
     """R(2+1)D ResNet on `(B, 3, T, H, W)`; `forward_features -> (B, 512 * width)`; optional `fc` to `embed_dim`."""
 
     def __init__(self, layers: tuple[int, ...] = (2, 2, 2, 2), *, width: float = 1.0, embed_dim: int | None = None):
         super().__init__()
-        if width <= 0:
-            raise ValueError(f"R2Plus1D width must be > 0, got {width}")
-        widths = [max(1, round(c * width)) for c in (64, 128, 256, 512)]
+        widths = stage_widths(width, "R2Plus1D")
         stem_mid = max(1, round(45 * width))
         self.stem = nn.Sequential(
             nn.Conv3d(3, stem_mid, (1, 7, 7), (1, 2, 2), (0, 3, 3), bias=False),
@@ -58,35 +56,9 @@ class R2Plus1D(nn.Module):
             nn.BatchNorm3d(widths[0]),
             nn.ReLU(inplace=True),
         )
-        cin = widths[0]
-        for i, (cout, blocks) in enumerate(zip(widths, layers)):
-            stride = 1 if i == 0 else 2
-            stage = [BasicBlock(cin, cout, stride)] + [BasicBlock(cout, cout) for _ in range(blocks - 1)]
-            setattr(self, f"layer{i + 1}", nn.Sequential(*stage))
-            cin = cout
-        self.feature_dim = cin
-        self.embed_dim = embed_dim
-        self.fc = nn.Linear(cin, embed_dim) if embed_dim else None
-        _init_weights(self)
+        self.add_stages(BasicBlock, widths[0], widths, layers)
+        self.add_projection(embed_dim)
+        self.init_weights()
 
-    def forward_features(self, x: Tensor) -> Tensor:
-        """Average-pooled layer4 features `(B, feature_dim)`."""
-        x = self.stem(x)
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return x.mean(dim=(2, 3, 4))
-
-    def project(self, features: Tensor) -> Tensor:
-        return self.fc(features) if self.fc is not None else features
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.project(self.forward_features(x))
-
-
-def _init_weights(model: nn.Module) -> None:
-    """GDT/torchvision init: Kaiming-normal (fan_out) convs, BN weight 1 / bias 0."""
-    for m in model.modules():
-        if isinstance(m, nn.Conv3d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(m, nn.BatchNorm3d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+    def forward_stem(self, x: Tensor) -> Tensor:
+        return self.stem(x)

@@ -57,3 +57,31 @@ def tiny_dataset(synth_corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("dataset")
     build_dataset(synth_corpus, out, **TINY_BUILD)
     return out
+
+
+@pytest.fixture(scope="session")
+def export_tiny_model(tiny_dataset, tmp_path_factory):
+    """`export_tiny_model(name, **model_fields) -> (export dir, data dir)`: a copy of the tiny dataset with a
+    tokenizer, and an untrained tiny model exported for eval. Its BatchNorm statistics are measured on the
+    dataset first: with the initial ones a random S3D maps every clip to one vector, and tests that compare
+    embeddings of different clips could not fail."""
+    import shutil
+
+    from data_prep.tokenizer import load_tokenizer, train_tokenizer
+    from launch.quickstart import calibrate_batchnorm
+    from models.towers import ModelConfig, build_model, save_exported
+    from pipeline.data import DataConfig, DatasetSource
+
+    def export(name: str, **model_fields):
+        root = tmp_path_factory.mktemp(name)
+        data = root / "data"
+        shutil.copytree(tiny_dataset, data)
+        train_tokenizer(data, vocab_size=60)
+        cfg = ModelConfig(**model_fields, vocab_size=load_tokenizer(data).get_piece_size())
+        torch.manual_seed(0)
+        model = build_model(cfg)
+        calibrate_batchnorm(model, DataConfig(datasets=[DatasetSource(str(data))], num_workers=0), batches=4)
+        save_exported(model, cfg, root / "export")
+        return root / "export", data
+
+    return export

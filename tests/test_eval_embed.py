@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -16,27 +15,20 @@ WINDOWS = 2
 
 
 @pytest.fixture(scope="module")
-def setup(tiny_dataset, tmp_path_factory):
+def setup(export_tiny_model):
     """A copy of the tiny dataset with a tokenizer, and an exported tiny video/audio/text model with heads."""
-    from data_prep.tokenizer import load_tokenizer, train_tokenizer
-    from models.towers import ModelConfig, SpaceConfig, build_model, save_exported
+    from models.towers import SpaceConfig
 
-    root = tmp_path_factory.mktemp("embed")
-    data = root / "data"
-    shutil.copytree(tiny_dataset, data)
-    train_tokenizer(data, vocab_size=60)
-    cfg = ModelConfig(
+    export, data = export_tiny_model(
+        "embed",
         video="s3d_tiny",
         audio="audio_tiny",
         text="text_tiny",
         spaces=[SpaceConfig("va", ["video", "audio"], dim=16), SpaceConfig("vt", ["video", "text"], dim=16)],
         selflabel_heads=2,
         selflabel_clusters=3,
-        vocab_size=load_tokenizer(data).get_piece_size(),
     )
-    torch.manual_seed(0)
-    save_exported(build_model(cfg).eval(), cfg, root / "export")
-    return data, root / "export"
+    return data, export
 
 
 def embed(setup, out, **kw):

@@ -55,35 +55,9 @@ class SinkhornResult:
     seconds: dict[str, float]  # wall time of "prep" (exp), "iterate", "argmax"
 
 
-def sinkhorn_knopp(
-    scores: torch.Tensor,
-    lam: float,
-    target: torch.Tensor | None = None,
-    *,
-    max_iters: int = 2000,
-    tol: float = 0.1,
-    check_every: int = 10,
-    dtype: torch.dtype | None = None,
-    distributed: bool = False,
-    inplace: bool = False,
-) -> torch.Tensor:
-    """Labels (N,) of the plan ∝ exp(lam * scores) with uniform row marginals and column marginals `target`.
-
-    SeLa: scores = log_softmax(z), lam = 25. SeLaVi: scores = 0.5 * (log p_video + log p_audio), lam = 20.
-    `target` (K,) positive (normalised here; uniform when None). `inplace=True` overwrites `scores` with P.
-    `distributed=True` treats each rank's `scores` as its rows of one global problem.
-    """
-    return sinkhorn(
-        scores,
-        lam,
-        target,
-        max_iters=max_iters,
-        tol=tol,
-        check_every=check_every,
-        dtype=dtype,
-        distributed=distributed,
-        inplace=inplace,
-    ).labels
+def sinkhorn_knopp(scores: torch.Tensor, lam: float, target: torch.Tensor | None = None, **options) -> torch.Tensor:
+    """Labels (N,) of the plan ∝ exp(lam * scores); `sinkhorn(...).labels`, with the same arguments."""
+    return sinkhorn(scores, lam, target, **options).labels
 
 
 def sinkhorn(
@@ -98,7 +72,13 @@ def sinkhorn(
     distributed: bool = False,
     inplace: bool = False,
 ) -> SinkhornResult:
-    """`sinkhorn_knopp` that also returns the scalings, the iteration count and the last error."""
+    """Sinkhorn-Knopp on the plan ∝ exp(lam * scores) with uniform row marginals and column marginals `target`.
+
+    SeLa: scores = log_softmax(z), lam = 25. SeLaVi: scores = 0.5 * (log p_video + log p_audio), lam = 20.
+    `target` (K,) positive (normalised here; uniform when None). `inplace=True` overwrites `scores` with P.
+    `distributed=True` treats each rank's `scores` as its rows of one global problem. Returns the labels,
+    the scalings, the iteration count, the last error and the time spent per phase.
+    """
     dtype = dtype or scores.dtype
     if scores.dim() != 2 or scores.shape[1] < 1:
         raise ValueError(f"scores must be (N, K), got {tuple(scores.shape)}")
