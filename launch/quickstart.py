@@ -24,8 +24,8 @@ import torch
 log = logging.getLogger(__name__)
 
 RECIPE = Path(__file__).parent / "configs" / "quickstart.yaml"
-SYNTH = dict(videos=200, seed=0, seconds=10.0, width=128, height=96, fps=20)
-BUILD = dict(fps=10, short_side=40, max_seconds=30.0, sample_rate=16000, samples_per_shard=16)
+SYNTH = dict(videos=400, seed=0, seconds=5.0, width=128, height=96, fps=20)
+BUILD = dict(fps=10, short_side=64, max_seconds=30.0, sample_rate=16000, samples_per_shard=16)
 VOCAB = 1000  # an upper bound: the synthetic narration has about 190 distinct words
 
 

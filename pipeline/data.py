@@ -231,6 +231,7 @@ class Loader:
         self.dataset, self.cfg, self.state, self._num_batches = dataset, cfg, state, num_batches
         self.skipped: dict[str, int] = {}
         self.samples_seen = 0
+        self._stream = None
 
     @property
     def num_batches(self) -> int:
@@ -249,6 +250,7 @@ class Loader:
         """Start epoch `epoch` at its beginning (a no-op when it is already the current epoch)."""
         if epoch != self.state.epoch:
             self.state.epoch, self.state.batches_seen = epoch, 0
+            self._drop_stream()
 
     def state_dict(self) -> dict:
         s = self.state
@@ -264,21 +266,19 @@ class Loader:
             )
         self.state.seed, self.state.epoch, self.state.batches_seen = sd["seed"], sd["epoch"], sd["batches_seen"]
         self.samples_seen = sd["samples_seen"]
+        self._drop_stream()
 
     def __iter__(self):
         s = self.state
         if s.batches_seen and self.cfg.mode == "exact":
             log.warning("exact mode cannot resume inside an epoch: epoch %d restarts from its start", s.epoch)
             s.batches_seen = 0
-        s.resume_at = s.batches_seen
-        loader = torch.utils.data.DataLoader(
-            self.dataset,
-            batch_size=None,
-            num_workers=self.cfg.num_workers,
-            multiprocessing_context=self.cfg.worker_start if self.cfg.num_workers else None,
-            timeout=self.cfg.worker_timeout_s if self.cfg.num_workers else 0,
-        )
-        for batch in loader:
+        if self._streams():
+            batches = self._from_stream()
+        else:
+            s.resume_at = s.batches_seen
+            batches = iter(self._data_loader(self.dataset, persistent=False))
+        for batch in batches:
             for reason, n in batch.pop("_skipped", {}).items():
                 self.skipped[reason] = self.skipped.get(reason, 0) + int(n)
             if not batch:
@@ -289,6 +289,54 @@ class Loader:
         if self.skipped:
             log.info("epoch %d: skipped samples by reason: %s", s.epoch, self.skipped)
         s.epoch, s.batches_seen = s.epoch + 1, 0
+
+    def _streams(self) -> bool:
+        """Resampled mode with workers keeps one worker pool across epochs (see `EpochStream`)."""
+        return self.cfg.mode == "resampled" and self.cfg.num_workers > 0 and self.state.num_batches > 0
+
+    def _from_stream(self):
+        """Items of the long-lived worker stream until this epoch has its `num_batches` batches."""
+        s = self.state
+        if self._stream is None:
+            s.resume_at = s.batches_seen
+            self._stream = iter(self._data_loader(EpochStream(self.dataset, s), persistent=True))
+        while s.batches_seen < self.num_batches:
+            batch = next(self._stream)
+            yield batch  # the consumer counts it (an item with only `_skipped` is not a batch)
+
+    def _drop_stream(self) -> None:
+        self._stream = None  # the iterator's finaliser stops its workers
+
+    def _data_loader(self, dataset, *, persistent: bool) -> torch.utils.data.DataLoader:
+        workers = self.cfg.num_workers
+        return torch.utils.data.DataLoader(
+            dataset,
+            batch_size=None,
+            num_workers=workers,
+            multiprocessing_context=self.cfg.worker_start if workers else None,
+            timeout=self.cfg.worker_timeout_s if workers else 0,
+            persistent_workers=persistent,
+        )
+
+
+class EpochStream(torch.utils.data.IterableDataset):
+    """Epoch after epoch of a resampled pipeline in one worker iteration, so workers start once per run.
+
+    A resampled epoch is a fixed number of batches per worker, so the stream needs no end: each worker
+    runs its share of epoch e, then advances its own copy of the state to epoch e + 1 (seeding the next
+    epoch exactly as a fresh iteration would) and goes on, prefetching across the boundary. Restarting
+    workers every epoch costs about a batch of decoding per epoch, which matters when epochs are short.
+    """
+
+    def __init__(self, pipeline: wds.DataPipeline, state: EpochState):
+        self.pipeline, self.state = pipeline, state
+
+    def __iter__(self):
+        if torch.utils.data.get_worker_info() is None:
+            raise RuntimeError("EpochStream runs inside DataLoader workers (it advances their copy of the state)")
+        while True:
+            yield from self.pipeline
+            self.state.epoch, self.state.resume_at = self.state.epoch + 1, 0
 
 
 def resolve_shards(datasets: list[DatasetSource]) -> list[Shard]:

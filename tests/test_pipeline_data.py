@@ -218,6 +218,26 @@ def test_state_dict_resume_is_deterministic_and_completes_the_epoch(tiny_dataset
     assert s1 == {"epoch": 1, "batches_seen": 0, "samples_seen": 8, "seed": 3}
 
 
+def test_resampled_workers_stream_across_epochs_with_the_batches_of_fresh_epochs(tiny_dataset, tokenizer):
+    """One worker pool serves every epoch, and epoch e's batches equal those of a loader started at epoch e."""
+    cfg = make_cfg(tiny_dataset, tokenizer, views="selflabel", epoch_samples=8, num_workers=2, shuffle_buffer=4)
+    loader = make_train_loader(cfg, rank=0, world_size=1, seed=5)
+    streamed, streams = [], []
+    for _ in range(3):
+        streamed.append([(b["idx"].tolist(), b["video"]) for b in loader])
+        streams.append(loader._stream)
+    assert streams[0] is not None and streams[0] is streams[1] is streams[2]
+    assert loader.state_dict()["epoch"] == 3
+    for epoch in range(3):
+        fresh = make_train_loader(cfg, rank=0, world_size=1, seed=5)
+        fresh.set_epoch(epoch)
+        batches = [(b["idx"].tolist(), b["video"]) for b in fresh]
+        assert len(batches) == len(streamed[epoch]) == 4
+        for (i, v), (j, w) in zip(batches, streamed[epoch]):
+            assert i == j and torch.equal(v, w)
+    assert [i for i, _ in streamed[0]] != [i for i, _ in streamed[1]]  # epochs do differ
+
+
 def test_labels_are_indices_into_the_sorted_label_list(tiny_dataset, tokenizer):
     labels = {}
     for shard in sorted((Path(tiny_dataset) / "shards").glob("*.tar")):
