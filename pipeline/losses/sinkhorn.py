@@ -16,8 +16,13 @@ gives its rows' new β and, while still in cache, its part of the next βᵀP (_
 block of rows and runs single-threaded (_in_threads). The final argmax avoids `max(dim=1)` with indices.
 
 Stopping rule (SeLaVi `optimize_L_sk_gpu`): every `check_every` iterations err = Σ_n |β_n / β_n' - 1|; stop when
-err <= tol (0.1) or after `max_iters` (2000). Distributed: each rank holds its own rows; only the K-sized
-column sums (and scalars) are all-reduced.
+err <= tol (0.1) or after `max_iters` (2000). SeLaVi runs it in float64. In float32 each β_n carries a relative
+rounding error of several eps and err sums N of them, so the rule could stall above tol for good (at 1M x 1000
+every head ran all 2000 iterations). Two changes: the K column sums add up chunk by chunk in float64 (summed in
+float32 their error grew with N, and every β's with it), and tol is raised to the rounding floor N x 32 x eps
+when that is larger (3.8 at N = 1M in float32, unchanged up to N = 26k; SeLaVi's rule in float64). tol = 0 runs
+exactly `max_iters`. Distributed: each rank holds its own rows; only the K-sized column sums (and scalars) are
+all-reduced.
 
 Ties: when rows are (nearly) identical every cluster ties in Q. Entries within 0.1% of a row's best count as
 tied and the first in an order rotated by the row's global index wins, which gives balanced labels instead of
@@ -43,6 +48,9 @@ EXP_FLOOR = {torch.float32: -60.0, torch.float64: -600.0}
 # Plan entries this close (relative) to a row's best are ties: float32 sums over N rows are accurate to ~1e-5..1e-4,
 # and SK's own stopping tolerance is far coarser.
 TIE_TOL = 1e-3
+# The stopping rule's err sums N relative changes of β, each with a rounding error of a few eps: below
+# N x STOP_FLOOR_EPS x eps it measures rounding, not convergence.
+STOP_FLOOR_EPS = 32
 
 
 @dataclass
@@ -186,12 +194,12 @@ def _exp_rows_(p: torch.Tensor, lam: float, chunk: int, parts: list[slice]) -> t
 
     def block(part: slice) -> tuple[torch.Tensor, torch.Tensor]:
         bad = torch.zeros((), dtype=torch.bool, device=p.device)
-        colsum = torch.zeros(p.shape[1], dtype=p.dtype, device=p.device)
+        colsum = torch.zeros(p.shape[1], dtype=torch.float64, device=p.device)
         for rows in p[part].split(chunk):
             top = rows.amax(dim=1, keepdim=True)  # (c, 1); NaN anywhere in the row propagates here
             bad |= ~torch.isfinite(top).all()
             rows.sub_(top).mul_(lam).clamp_(min=floor).exp_()
-            colsum.addmv_(rows.t(), ones[: rows.shape[0]])
+            colsum.add_(rows.t() @ ones[: rows.shape[0]])
         return colsum, bad
 
     sums, bads = zip(*_in_threads(block, parts))
@@ -207,6 +215,10 @@ def _scale(p, colsum, r, n, max_iters, tol, check_every, sync, chunk, parts):
     One pass over P per iteration instead of two: chunk by chunk, beta' = c / (P_chunk alpha) and then, while the
     chunk is still in cache, the next iteration's column sums += beta'^T P_chunk. The iterates are SeLaVi's; only
     the order of the float additions in beta^T P changes. `colsum` (K,) holds P's column sums (beta = c)."""
+    floor = n * STOP_FLOOR_EPS * torch.finfo(p.dtype).eps
+    if 0 < tol < floor:  # tol=0 still means "run max_iters"
+        log.debug("Sinkhorn-Knopp tol %.3g raised to the rounding floor %.3g (N=%d, %s)", tol, floor, n, p.dtype)
+        tol = floor
     c = 1.0 / n
     colsum = colsum.mul_(c)
     beta = torch.full((p.shape[0],), c, dtype=p.dtype, device=p.device)
@@ -215,15 +227,17 @@ def _scale(p, colsum, r, n, max_iters, tol, check_every, sync, chunk, parts):
     it = 0
     for it in range(1, max_iters + 1):
         colsum = all_reduce_sum(colsum) if sync else colsum
-        alpha = r / colsum  # (K,)
+        alpha = (r / colsum).to(p.dtype)  # (K,)
         alpha_n = alpha * n  # 1 / (P_chunk (alpha / c)) = c / (P_chunk alpha), one op fewer per chunk
 
         def block(part: slice, beta_new=beta_new, alpha_n=alpha_n) -> torch.Tensor:
-            partial = torch.zeros_like(alpha_n)
+            partial = torch.zeros(alpha_n.shape, dtype=torch.float64, device=alpha_n.device)
+            chunk_sum = torch.empty_like(alpha_n)
             for rows, b in zip(p[part].split(chunk), beta_new[part].split(chunk)):
                 torch.mv(rows, alpha_n, out=b)  # (c,)
                 b.reciprocal_()
-                partial.addmv_(rows.t(), b)  # (K,): rows are still in cache
+                torch.mv(rows.t(), b, out=chunk_sum)  # (K,): rows are still in cache
+                partial.add_(chunk_sum)  # chunk sums add up in float64 (see the stopping rule above)
             return partial
 
         colsum = sum(_in_threads(block, parts))
