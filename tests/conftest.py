@@ -85,3 +85,28 @@ def export_tiny_model(tiny_dataset, tmp_path_factory):
         return root / "export", data
 
     return export
+
+
+@pytest.fixture(scope="session")
+def dataset_with_tokenizer(tiny_dataset):
+    """The shared tiny dataset with a tokenizer next to its shards (vocab 128, trained once per session)."""
+    from data_prep.tokenizer import train_tokenizer
+
+    if not (tiny_dataset / "tokenizer.model").is_file():
+        train_tokenizer(tiny_dataset, vocab_size=128)
+    return tiny_dataset
+
+
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "DS_ACCELERATOR")
+
+
+@pytest.fixture
+def restore_launcher_env():
+    """train() fills in the launcher variables of a one-process run; take them out again after the test."""
+    saved = {k: os.environ.get(k) for k in LAUNCHER_VARS}
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

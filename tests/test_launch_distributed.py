@@ -21,16 +21,12 @@ from pipeline.engine import fp32_state_dict
 from pipeline.train import EXIT_STOPPED, tensors_checksum
 
 REPO = Path(__file__).resolve().parents[1]
-pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+pytestmark = pytest.mark.distributed
 
 
 @pytest.fixture(scope="module")
-def dataset(tiny_dataset):
-    from data_prep.tokenizer import train_tokenizer
-
-    if not (tiny_dataset / "tokenizer.model").is_file():
-        train_tokenizer(tiny_dataset, vocab_size=128)
-    return tiny_dataset
+def dataset(dataset_with_tokenizer):
+    return dataset_with_tokenizer
 
 
 def _env() -> dict:

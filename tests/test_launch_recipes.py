@@ -4,7 +4,6 @@ of the same shape, and the tiny variants train on the tiny shards."""
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,6 @@ from pipeline.train_config import load_train_config
 RECIPES = sorted(p.stem for p in CONFIGS.glob("*.yaml"))
 FULL = [r for r in RECIPES if not r.endswith("_tiny")]
 TINY = [r for r in RECIPES if r.endswith("_tiny")]
-DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "DS_ACCELERATOR")
 
 
 def test_the_five_recipe_families_exist_with_tiny_variants():
@@ -48,28 +46,12 @@ def test_tiny_variant_has_the_same_shape_as_its_recipe(name):
 
 
 @pytest.fixture(scope="module")
-def dataset(tiny_dataset):
-    from data_prep.tokenizer import train_tokenizer
-
-    if not (tiny_dataset / "tokenizer.model").is_file():
-        train_tokenizer(tiny_dataset, vocab_size=128)
-    return tiny_dataset
+def dataset(dataset_with_tokenizer):
+    return dataset_with_tokenizer
 
 
-@pytest.fixture
-def _restore_env():
-    saved = {k: os.environ.get(k) for k in DIST_VARS}
-    yield
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-
-
-@pytest.mark.slow
 @pytest.mark.parametrize("name", TINY)
-def test_tiny_recipe_trains_to_a_finite_loss(name, dataset, tmp_path, _restore_env):
+def test_tiny_recipe_trains_to_a_finite_loss(name, dataset, tmp_path, restore_launcher_env):
     from pipeline.train import train
 
     cfg = load_train_config(

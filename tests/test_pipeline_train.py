@@ -4,7 +4,6 @@ config errors before any work, export."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -18,29 +17,12 @@ from pipeline.schedules import warmup_cosine
 from pipeline.train import TrainingDiverged, train
 from pipeline.train_config import load_train_config
 
-DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "DS_ACCELERATOR")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _restore_launcher_env():
-    """train() fills in the launcher variables of a one-process run; take them out again after this module."""
-    saved = {k: os.environ.get(k) for k in DIST_VARS}
-    yield
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+pytestmark = pytest.mark.usefixtures("restore_launcher_env")
 
 
 @pytest.fixture(scope="module")
-def dataset(tiny_dataset):
-    """The shared tiny dataset with a tokenizer (trained once; idempotent for other modules)."""
-    from data_prep.tokenizer import train_tokenizer
-
-    if not (tiny_dataset / "tokenizer.model").is_file():
-        train_tokenizer(tiny_dataset, vocab_size=128)
-    return tiny_dataset
+def dataset(dataset_with_tokenizer):
+    return dataset_with_tokenizer
 
 
 def tiny_cfg(dataset: Path, runs: Path, *overrides: str):
@@ -89,7 +71,6 @@ def test_train_checkpoint_resume_continues_step_counter_and_weights(dataset, tmp
     assert "deepspeed" in launches[0]["versions"]
 
 
-@pytest.mark.slow
 def test_injected_nan_batch_is_skipped_and_counted(dataset, tmp_path, monkeypatch):
     calls = {"n": 0}
     real_build = train_mod.build_model
@@ -115,7 +96,6 @@ def test_injected_nan_batch_is_skipped_and_counted(dataset, tmp_path, monkeypatc
     assert _trace(Path(summary["run_dir"]))[-1]["final_step"] == 3
 
 
-@pytest.mark.slow
 def test_persistent_nan_stops_the_run_with_a_clear_message(dataset, tmp_path, monkeypatch):
     real_build = train_mod.build_model
 
@@ -159,7 +139,6 @@ def test_model_vocab_smaller_than_tokenizer_is_an_error(dataset, tmp_path):
         train(tiny_cfg(dataset, tmp_path, "model.vocab_size=8"))
 
 
-@pytest.mark.slow
 def test_export_writes_fp32_safetensors_that_reload_to_the_trained_weights(dataset, tmp_path):
     from models.towers import load_exported
     from pipeline.engine import fp32_state_dict
