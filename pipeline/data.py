@@ -305,7 +305,11 @@ class Loader:
             yield batch  # the consumer counts it (an item with only `_skipped` is not a batch)
 
     def _drop_stream(self) -> None:
-        self._stream = None  # the iterator's finaliser stops its workers
+        self._stream = None  # the iterator's finaliser stops and joins its workers
+
+    def close(self) -> None:
+        """Stop the worker processes that stream across epochs (resampled mode); iterating again restarts them."""
+        self._drop_stream()
 
     def _data_loader(self, dataset, *, persistent: bool) -> torch.utils.data.DataLoader:
         workers = self.cfg.num_workers

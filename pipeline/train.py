@@ -135,6 +135,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
                 log.warning("received %s: saved step %d, stopping (resume with --resume)", stop.signal_name, step)
                 break
     finally:
+        loader.close()  # stops its streaming workers now rather than at garbage collection
         stop.restore()
         bar.close()
         metrics_out.close()
