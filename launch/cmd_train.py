@@ -51,7 +51,7 @@ def register_quickstart(sub: argparse._SubParsersAction) -> None:
     """Add `quickstart`."""
     p = sub.add_parser(
         "quickstart",
-        help="the whole pipeline on a synthetic corpus, on the CPU (about 10 minutes on 2 cores)",
+        help="the whole pipeline on a synthetic corpus, on the CPU (about 7 minutes on 2 cores)",
         description="Synthesise a corpus, build train/test shards and a tokenizer, train the quickstart recipe, "
         "embed the held-out split, and compare retrieval and clustering against the same model at random init.",
     )
