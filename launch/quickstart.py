@@ -50,7 +50,8 @@ def quickstart(out: str | Path, *, videos: int | None = None, steps: int | None 
         if not (target / "dataset.json").is_file():
             build_dataset(out / "synth", target, split=split, workers=2, **BUILD)
     if not (train_dir / "tokenizer.model").is_file():
-        train_tokenizer(train_dir, vocab_size=VOCAB, model_type="bpe")  # whole words; unigram splits them on tiny corpora
+        # BPE: whole-word pieces; unigram splits even frequent words on a corpus this small (docs/data-prep.md)
+        train_tokenizer(train_dir, vocab_size=VOCAB, model_type="bpe")
     shutil.copyfile(train_dir / "tokenizer.model", test_dir / "tokenizer.model")  # held-out text, training vocab
     pieces = load_tokenizer(train_dir / "tokenizer.model").get_piece_size()
     timings["data_s"] = time.perf_counter() - t0
@@ -76,7 +77,8 @@ def quickstart(out: str | Path, *, videos: int | None = None, steps: int | None 
         emb_dir = out / "embed" / cfg.run.name / name.replace(" ", "_")
         if emb_dir.exists() and name == "trained" and tag != f"step_{cfg.run.steps:08d}":
             shutil.rmtree(emb_dir)  # embeddings of an earlier, unfinished state of this run
-        rows[name] = evaluate(model_dir, test_dir, emb_dir)
+        report = out / "report" if name == "trained" else None
+        rows[name] = evaluate(model_dir, test_dir, emb_dir, report=report)
     timings["total_s"] = time.perf_counter() - t0
     result = {"rows": rows, "timings": timings, "run_dir": str(run_dir), "test_dir": str(test_dir)}
     (out / "quickstart.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
@@ -127,10 +129,12 @@ def calibrate_batchnorm(model: torch.nn.Module, data_cfg, *, batches: int) -> No
     model.eval()
 
 
-def evaluate(model_dir: Path, dataset: Path, emb_dir: Path, space: str = "vt") -> dict[str, float]:
-    """Embed `dataset` with the exported model, then text->video retrieval and k-means clustering metrics."""
-    from eval.clustering import cluster_metrics, kmeans
+def evaluate(model_dir: Path, dataset: Path, emb_dir: Path, space: str = "vt", report: Path | None = None) -> dict:
+    """Embed `dataset` with the exported model, then text->video retrieval and k-means clustering metrics;
+    with `report`, also the HTML cluster explorer of the k-means clusters (named by their majority class)."""
+    from eval.clustering import cluster_metrics, kmeans, name_clusters
     from eval.embed import embed_dataset, load_model, read_embeddings
+    from eval.report import write_report
     from eval.retrieval import retrieval_metrics
 
     model = load_model(model_dir, tokenizer=model_dir / "tokenizer.model")
@@ -142,9 +146,16 @@ def evaluate(model_dir: Path, dataset: Path, emb_dir: Path, space: str = "vt") -
     labels = np.array([m.get("label") for m in emb.meta])
     classes = sorted(set(labels))
     truth = np.array([classes.index(lab) for lab in labels])
-    clusters = cluster_metrics(kmeans(video, len(classes), seed=0).assign, truth)
-    return {"t2v_R@1": t2v["R@1"], "t2v_R@5": t2v["R@5"], "t2v_R@10": t2v["R@10"], "t2v_MedR": t2v["MedR"],
-            "NMI": clusters["nmi"], "acc": clusters["acc"], "videos": len(video), "captions": len(text)}  # fmt: skip
+    assign = kmeans(video, len(classes), seed=0).assign
+    clusters = cluster_metrics(assign, truth)
+    row = {"t2v_R@1": t2v["R@1"], "t2v_R@5": t2v["R@5"], "t2v_R@10": t2v["R@10"], "t2v_MedR": t2v["MedR"],
+           "NMI": clusters["nmi"], "acc": clusters["acc"], "videos": len(video), "captions": len(text)}  # fmt: skip
+    if report is not None:
+        names = {c: classes[n] for c, n in enumerate(name_clusters(assign, truth)) if n >= 0}
+        metrics = {"text->video": {k: float(v) for k, v in row.items() if k.startswith("t2v")},
+                   "k-means": {"NMI": float(clusters["nmi"]), "acc": float(clusters["acc"])}}  # fmt: skip
+        write_report(emb, assign, report, dataset=dataset, space=f"video@{space}", names=names, metrics=metrics)
+    return row
 
 
 def format_table(rows: dict[str, dict[str, float]], timings: dict[str, float], out: Path) -> str:
@@ -162,5 +173,5 @@ def format_table(rows: dict[str, dict[str, float]], timings: dict[str, float], o
     lines.append(
         f"time: data {timings['data_s']:.0f} s, training {timings['train_s']:.0f} s, total {timings['total_s']:.0f} s"
     )
-    lines.append(f"outputs: {out} (runs/, embed/, quickstart.json)")
+    lines.append(f"outputs: {out} (runs/, embed/, quickstart.json; the trained model's clusters: report/index.html)")
     return "\n".join(lines)
