@@ -17,6 +17,7 @@ plus the metadata, not the whole corpus (a 1M-video x 4-window x 512-d run is ~4
 
 from __future__ import annotations
 
+import heapq
 import json
 import logging
 import os
@@ -123,12 +124,11 @@ def merge_parts(out: str | Path, *, expected: int | None = None, info: dict | No
     if not files:
         raise ValueError(f"{out}/parts has no embedding parts: the loader yielded no samples")
     # Pass 1: the small bookkeeping members of every part -> where each part row goes.
-    idx, counts, meta, shapes = [], [], [], {}
+    idx, counts, shapes = [], [], {}
     for p in files:
         with np.load(p, allow_pickle=False) as z:
             idx.append(z["idx"].astype(np.int64))
             counts.append(z["text_count"].astype(np.int64) if "text_count" in z.files else None)
-            meta.extend(json.loads(str(z["meta"])))
             for name in z.files:
                 if name not in _INDEX_KEYS and name not in shapes:
                     shapes[name] = z[name].shape
@@ -152,12 +152,20 @@ def merge_parts(out: str | Path, *, expected: int | None = None, info: dict | No
         shape = list(shapes[name])
         shape[1 if name.endswith("_logits") else 0] = int(cap_start[-1]) if name in text_names else n
         outputs[name] = np.lib.format.open_memmap(_tmp(out, name), mode="w+", dtype=np.float16, shape=tuple(shape))
-    # Pass 2: each part's arrays straight into their output rows.
+    # Pass 2: each part's arrays straight into their output rows; its metadata, sorted by output row, to a
+    # run file (only one part's metadata is in memory at a time; the runs are merged below).
     first = 0
-    for p, size in zip(files, sizes):
+    runs = []
+    for k, (p, size) in enumerate(zip(files, sizes)):
         rows = dest[first : first + size]  # (n_part,)
         keep = rows >= 0
         with np.load(p, allow_pickle=False) as z:
+            part_meta = json.loads(str(z["meta"]))
+            runs.append(out / "parts" / f"meta-{k:06d}.run")
+            with open(runs[-1], "w", encoding="utf-8") as f:
+                for row, i in sorted(zip(rows[keep].tolist(), np.flatnonzero(keep).tolist())):
+                    f.write(f"{row}\t{json.dumps({'row': row, **part_meta[i]})}\n")
+            del part_meta
             for name in names:
                 if name not in z.files:
                     raise ValueError(f"{p} has no {name!r} although other parts do (mixed models in one directory?)")
@@ -180,15 +188,41 @@ def merge_parts(out: str | Path, *, expected: int | None = None, info: dict | No
         os.replace(_tmp(out, name), out / f"{name}.npy")
     if text_names:
         np.save(out / "caption_video.npy", np.repeat(np.arange(n), cap_counts[order]).astype(np.int64))
-    with open(out / "meta.jsonl", "w", encoding="utf-8") as f:
-        for row, i in enumerate(order.tolist()):
-            f.write(json.dumps({"row": row, **meta[i]}) + "\n")
+    _merge_meta_runs(runs, out / "meta.jsonl")
     if expected is not None and n != expected:
         log.warning("embedded %d samples but the dataset lists %d", n, expected)
     summary = {"rows": int(n), "duplicates": dupes, "arrays": names}
     (out / COMPLETE).write_text(json.dumps({**(info or {}), **summary}, indent=1), encoding="utf-8")
     shutil.rmtree(out / "parts")
     return summary
+
+
+def _merge_meta_runs(runs: list[Path], path: Path, fan_in: int = 128) -> None:
+    """Merge per-part metadata files of `row<TAB>json` lines, each sorted by row, into `path` (JSON lines in row
+    order), streaming: memory holds one line per open run. More than `fan_in` runs merge in rounds, so the
+    number of open files stays bounded however many parts there are."""
+    level = 0
+    while len(runs) > fan_in:
+        merged = []
+        for g in range(0, len(runs), fan_in):
+            merged.append(runs[g].with_name(f"merge{level}-{g // fan_in:06d}.run"))
+            _merge_runs(runs[g : g + fan_in], merged[-1], keep_keys=True)
+        runs, level = merged, level + 1
+    tmp = path.with_name(f".{path.name}.tmp")
+    _merge_runs(runs, tmp, keep_keys=False)
+    os.replace(tmp, path)
+
+
+def _merge_runs(runs: list[Path], target: Path, *, keep_keys: bool) -> None:
+    files = [open(r, encoding="utf-8") for r in runs]
+    try:
+        keyed = [((int(line.split("\t", 1)[0]), line) for line in f) for f in files]
+        with open(target, "w", encoding="utf-8") as out:
+            for _, line in heapq.merge(*keyed, key=lambda item: item[0]):
+                out.write(line if keep_keys else line.split("\t", 1)[1])
+    finally:
+        for f in files:
+            f.close()
 
 
 def save_array(path: Path, a: np.ndarray) -> None:

@@ -235,6 +235,22 @@ def test_parts_are_float16_and_merge_part_by_part_equals_a_naive_merge(tmp_path)
     assert not list(tmp_path.glob(".*.tmp"))
 
 
+def test_metadata_runs_merge_in_rounds_into_row_order(tmp_path):
+    """merge_parts streams each part's metadata through sorted run files; more runs than the fan-in merge in rounds."""
+    from eval.embed_files import _merge_meta_runs
+
+    rng = np.random.default_rng(0)
+    rows = rng.permutation(23)
+    runs = []
+    for k, chunk in enumerate(np.array_split(rows, 5)):  # 5 runs, each sorted, interleaving with the others
+        runs.append(tmp_path / f"meta-{k}.run")
+        runs[-1].write_text("".join(f"{r}\t{json.dumps({'row': int(r), 'id': f'v{r}'})}\n" for r in sorted(chunk)))
+    _merge_meta_runs(runs, tmp_path / "meta.jsonl", fan_in=2)
+    merged = [json.loads(line) for line in (tmp_path / "meta.jsonl").read_text().splitlines()]
+    assert [m["row"] for m in merged] == list(range(23)) and merged[7]["id"] == "v7"
+    assert len(list(tmp_path.glob("merge1-*.run"))) == 2  # 5 runs -> 3 -> 2, then the final merge
+
+
 def test_done_set_is_a_sorted_array_with_searchsorted_lookup(tmp_path):
     from eval.embed_files import done_idx, is_done, write_part
 
