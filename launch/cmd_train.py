@@ -64,17 +64,18 @@ def register_quickstart(sub: argparse._SubParsersAction) -> None:
 
 
 def resolve_recipe(name: str) -> Path:
-    """A recipe file, a run directory's config.yaml, or launch/configs/<name>.yaml."""
+    """A run directory's config.yaml, a recipe file, or launch/configs/<name>.yaml, in that order; a directory
+    without config.yaml (e.g. the `quickstart/` output folder of `make demo`) does not hide a bundled recipe."""
     path = Path(name)
-    if path.is_dir():
-        if not (path / "config.yaml").is_file():
-            raise ValueError(f"{path} is a directory without config.yaml (not a run directory)")
+    if path.is_dir() and (path / "config.yaml").is_file():
         return path / "config.yaml"
     if path.is_file():
         return path
     bundled = CONFIGS / f"{name}.yaml"
     if bundled.is_file():
         return bundled
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory without config.yaml (not a run directory)")
     known = ", ".join(sorted(p.stem for p in CONFIGS.glob("*.yaml")))
     raise ValueError(f"recipe {name!r} not found (not a file, a run directory, or one of: {known})")
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from launch.cli import build_parser, main
@@ -25,6 +27,14 @@ def test_recipe_resolves_by_name_file_and_run_directory(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="without config.yaml"):
         resolve_recipe(str(tmp_path / "empty"))
+
+
+def test_output_folder_named_like_a_recipe_does_not_hide_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "quickstart" / "runs").mkdir(parents=True)  # what `make demo` leaves in the working directory
+    assert resolve_recipe("quickstart").name == "quickstart.yaml"
+    (tmp_path / "quickstart" / "config.yaml").write_text("run: {}\n")  # a run directory still wins
+    assert resolve_recipe("quickstart") == Path("quickstart") / "config.yaml"
 
 
 def test_bad_override_ends_with_one_line_naming_the_key(capsys):
