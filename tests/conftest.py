@@ -110,3 +110,12 @@ def restore_launcher_env():
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One torch thread for the test: two OpenMP threads on a busy 2-core machine spin badly on small ops."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

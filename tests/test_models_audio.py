@@ -8,13 +8,7 @@ import torch
 from models import build_encoder
 from models.audio import AudioResNet
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_resnet18_parameters_equal_torchvision_with_a_one_channel_stem_and_no_fc():

@@ -8,13 +8,7 @@ import torch
 from models import build_encoder
 from models.r2plus1d import R2Plus1D
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_parameter_count_equals_torchvision_r2plus1d_18_without_fc():

@@ -14,13 +14,7 @@ from models.s3d import S3D, load_s3d_howto100m, space_to_depth
 KEYS = Path(__file__).parent / "data" / "s3d_howto100m_keys.json"  # copied from the released checkpoint's listing
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Two OpenMP threads on a CPU shared by many processes spin badly; one thread keeps these tests quick.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def released_keys() -> list[tuple[str, list[int]]]:

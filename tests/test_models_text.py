@@ -8,13 +8,7 @@ import torch
 from models import build_encoder
 from models.contracts import TextInput
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 TOWERS = ["text_tiny", "text_transformer_tiny"]

@@ -12,13 +12,7 @@ import yaml
 from models import VARIANTS, build_encoder
 from models.towers import ModelConfig, SpaceConfig, build_model, load_exported, model_config_from_dict, save_exported
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 B, V, K, L = 2, 2, 3, 8
