@@ -291,8 +291,10 @@ class Loader:
         s.epoch, s.batches_seen = s.epoch + 1, 0
 
     def _streams(self) -> bool:
-        """Resampled mode with workers keeps one worker pool across epochs (see `EpochStream`)."""
-        return self.cfg.mode == "resampled" and self.cfg.num_workers > 0 and self.state.num_batches > 0
+        """Resampled mode with workers keeps one worker pool across epochs (see `EpochStream`); every worker must
+        have at least one batch per epoch, or the in-order DataLoader would wait on it."""
+        workers = self.cfg.num_workers
+        return self.cfg.mode == "resampled" and workers > 0 and self.state.num_batches >= workers
 
     def _from_stream(self):
         """Items of the long-lived worker stream until this epoch has its `num_batches` batches."""
