@@ -303,7 +303,14 @@ class Loader:
             s.resume_at = s.batches_seen
             self._stream = iter(self._data_loader(EpochStream(self.dataset, s), persistent=True))
         while s.batches_seen < self.num_batches:
-            batch = next(self._stream)
+            try:
+                batch = next(self._stream)
+            except StopIteration:
+                self._drop_stream()
+                raise RuntimeError("the loader's worker stream ended; it should run until closed") from None
+            except BaseException:
+                self._drop_stream()  # a worker failed: the next iteration starts fresh workers
+                raise
             yield batch  # the consumer counts it (an item with only `_skipped` is not a batch)
 
     def _drop_stream(self) -> None:

@@ -172,15 +172,17 @@ def test_exact_mode_batch_count_matches_what_each_rank_yields_with_unequal_shard
         make_train_loader(dataclasses.replace(cfg, epoch_samples=5), rank=0, world_size=1, seed=0)
 
 
-def test_stream_that_rejects_everything_fails_loudly(tiny_dataset, tokenizer, tmp_path):
+@pytest.mark.parametrize("workers", [0, 1])
+def test_stream_that_rejects_everything_fails_loudly(tiny_dataset, tokenizer, tmp_path, workers):
     ds = copy_dataset(tiny_dataset, tmp_path / "ds")
     for shard in (ds / "shards").glob("*.tar"):
         for _ in range(2):
             rewrite_member(shard, ".flac", None)
-    cfg = make_cfg(ds, tokenizer, views="selflabel", require_audio=True, max_consecutive_rejects=5)
+    cfg = make_cfg(ds, tokenizer, views="selflabel", require_audio=True, max_consecutive_rejects=5, num_workers=workers)
     loader = make_train_loader(cfg, rank=0, world_size=1, seed=0)
-    with pytest.raises(RuntimeError, match="5 samples in a row were rejected.*missing_audio"):
-        list(loader)
+    for _ in range(2):  # with a worker stream, the failed stream is dropped and the retry fails the same way
+        with pytest.raises(RuntimeError, match=r"\d+ samples in a row were rejected.*missing_audio"):
+            list(loader)
 
 
 def test_same_seed_same_batches_and_other_seed_differs(tiny_dataset, tokenizer):
