@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 # OpenMP reads this when torch/faiss load, so it must be set before they are imported: idle threads then
@@ -112,10 +113,25 @@ def restore_launcher_env():
             os.environ[k] = v
 
 
+@contextlib.contextmanager
+def torch_threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.fixture
 def one_torch_thread():
     """One torch thread for the test: two OpenMP threads on a busy 2-core machine spin badly on small ops."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
+
+
+@pytest.fixture
+def two_torch_threads():
+    """Two torch threads, e.g. so Sinkhorn-Knopp splits rows over two worker threads (needs >= 2 x 4096 rows)."""
+    with torch_threads(2):
+        yield

@@ -206,16 +206,7 @@ def two_gemv_sk(scores: torch.Tensor, lam: float, tol=0.1, max_iters=2000) -> tu
     return (p * alpha).argmax(1), counter
 
 
-@pytest.fixture
-def two_threads():
-    """Two torch threads, so rows are split over two worker threads (needs >= 2 x 4096 rows)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
-
-
-def test_fused_threaded_iteration_gives_the_two_gemv_labels_and_iterations(two_threads):
+def test_fused_threaded_iteration_gives_the_two_gemv_labels_and_iterations(two_torch_threads):
     scores = sharp_scores(10_000, 30, 2.0, torch.float32)
     want, want_iters = two_gemv_sk(scores, 25.0)
     res = sinkhorn(scores, 25.0)
@@ -224,7 +215,7 @@ def test_fused_threaded_iteration_gives_the_two_gemv_labels_and_iterations(two_t
     assert torch.get_num_threads() == 2  # the workers' single-thread setting does not leak out
 
 
-def test_threaded_ties_use_global_row_indices_and_bad_rows_are_found_in_any_block(two_threads):
+def test_threaded_ties_use_global_row_indices_and_bad_rows_are_found_in_any_block(two_torch_threads):
     row = torch.log_softmax(torch.randn(1, 10) * 5, dim=1)
     labels = sinkhorn_knopp(row.repeat(10_003, 1), 25.0)  # blocks [0, 5001) and [5001, 10003): 5001 % 10 != 0
     assert torch.equal(labels, torch.arange(10_003) % 10)  # rotation by global row index, across both blocks
