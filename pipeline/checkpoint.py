@@ -49,6 +49,25 @@ def prepare_run_dir(runs_dir: str | Path, name: str, *, resume: bool) -> Path:
     return run_dir
 
 
+def check_same_model(run_dir: Path, model: dict) -> None:
+    """Resuming must build the model the checkpoint holds: compare `model` (a recipe's `model` mapping) with the
+    run's saved config.yaml and name the first differences, instead of failing later on state-dict keys."""
+    import yaml
+
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return
+    saved = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("model") or {}
+    model = json.loads(json.dumps(model))  # tuples -> lists, as YAML reads them back
+    diff = sorted(k for k in set(saved) | set(model) if saved.get(k) != model.get(k))
+    if diff:
+        shown = "; ".join(f"model.{k} is {saved.get(k)!r} there and {model.get(k)!r} here" for k in diff[:4])
+        raise ValueError(
+            f"cannot resume {run_dir} with another model: {shown}. Resume with the run's own config "
+            f"(`vatp train {run_dir} --resume`) or choose another run.name"
+        )
+
+
 def package_versions() -> dict[str, str]:
     """Versions worth knowing when a run is compared or reproduced later."""
     import deepspeed

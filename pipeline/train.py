@@ -24,7 +24,14 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from models.towers import build_model
-from pipeline.checkpoint import StopRequest, load_checkpoint, prepare_run_dir, record_launch, save_checkpoint
+from pipeline.checkpoint import (
+    StopRequest,
+    check_same_model,
+    load_checkpoint,
+    prepare_run_dir,
+    record_launch,
+    save_checkpoint,
+)
 from pipeline.config import dump_yaml, to_dict
 from pipeline.data import DataConfig, DatasetSource, make_eval_loader, make_train_loader, resolve_inputs, resolve_shards
 from pipeline.engine import build_engine, grad_norm, init_distributed, launch_env, micro_batch_size, resume_schedule
@@ -48,6 +55,8 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
     dist_info = init_distributed(cfg.run.device)
     rank, device = dist_info.rank, dist_info.device
     run_dir = prepare_run_dir(cfg.run.runs_dir, cfg.run.name, resume=resume)
+    if resume:
+        check_same_model(run_dir, recipe_dict(cfg)["model"])
     _barrier(world_size)  # every rank has looked at the run dir before rank 0 writes into it
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -118,6 +118,14 @@ def test_unknown_key_and_wrong_type_name_the_key(dataset, tmp_path):
         tiny_cfg(dataset, tmp_path, "data.batch_size=3")
 
 
+def test_resume_with_another_model_is_refused_by_name(dataset, tmp_path):
+    train(tiny_cfg(dataset, tmp_path, "run.steps=1", "run.ckpt_every=1"))
+    with pytest.raises(ValueError, match=r"another model: model\.video is 'r2plus1d_tiny' there and 's3d_tiny' here"):
+        train(tiny_cfg(dataset, tmp_path, "run.steps=2", "model.video=s3d_tiny"), resume=True)
+    summary = train(tiny_cfg(dataset, tmp_path, "run.steps=2"), resume=True)  # the same model resumes
+    assert summary["step"] == 2
+
+
 def test_missing_dataset_fails_before_any_work(dataset, tmp_path):
     cfg = tiny_cfg(dataset, tmp_path, f"data.datasets=[{{path: {tmp_path / 'nowhere'}}}]")
     with pytest.raises(ValueError, match="nowhere"):
