@@ -28,6 +28,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from pipeline.config import load_yaml
+
 log = logging.getLogger(__name__)
 
 META = "vatp_meta.json"
@@ -52,12 +54,10 @@ def prepare_run_dir(runs_dir: str | Path, name: str, *, resume: bool) -> Path:
 def check_same_model(run_dir: Path, model: dict) -> None:
     """Resuming must build the model the checkpoint holds: compare `model` (a recipe's `model` mapping) with the
     run's saved config.yaml and name the first differences, instead of failing later on state-dict keys."""
-    import yaml
-
     path = run_dir / "config.yaml"
     if not path.is_file():
         return
-    saved = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("model") or {}
+    saved = load_yaml(path).get("model") or {}
     model = json.loads(json.dumps(model))  # tuples -> lists, as YAML reads them back
     diff = sorted(k for k in set(saved) | set(model) if saved.get(k) != model.get(k))
     if diff:

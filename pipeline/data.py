@@ -250,7 +250,7 @@ class Loader:
         """Start epoch `epoch` at its beginning (a no-op when it is already the current epoch)."""
         if epoch != self.state.epoch:
             self.state.epoch, self.state.batches_seen = epoch, 0
-            self._drop_stream()
+            self.close()
 
     def state_dict(self) -> dict:
         s = self.state
@@ -266,7 +266,7 @@ class Loader:
             )
         self.state.seed, self.state.epoch, self.state.batches_seen = sd["seed"], sd["epoch"], sd["batches_seen"]
         self.samples_seen = sd["samples_seen"]
-        self._drop_stream()
+        self.close()
 
     def __iter__(self):
         s = self.state
@@ -306,19 +306,16 @@ class Loader:
             try:
                 batch = next(self._stream)
             except StopIteration:
-                self._drop_stream()
+                self.close()
                 raise RuntimeError("the loader's worker stream ended; it should run until closed") from None
             except BaseException:
-                self._drop_stream()  # a worker failed: the next iteration starts fresh workers
+                self.close()  # a worker failed: the next iteration starts fresh workers
                 raise
             yield batch  # the consumer counts it (an item with only `_skipped` is not a batch)
 
-    def _drop_stream(self) -> None:
-        self._stream = None  # the iterator's finaliser stops and joins its workers
-
     def close(self) -> None:
         """Stop the worker processes that stream across epochs (resampled mode); iterating again restarts them."""
-        self._drop_stream()
+        self._stream = None  # the iterator's finaliser stops and joins its workers
 
     def _data_loader(self, dataset, *, persistent: bool) -> torch.utils.data.DataLoader:
         workers = self.cfg.num_workers

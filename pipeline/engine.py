@@ -171,24 +171,21 @@ def build_engine(model: torch.nn.Module, run: RunConfig, optim: OptimConfig, dis
     return engine
 
 
-def resume_schedule(engine: Any, run: RunConfig, optim: OptimConfig) -> None:
-    """Point the learning-rate schedule at the restored step under *this* run's `steps` and `lr`.
+def resume_schedule(engine: Any, lr: float) -> None:
+    """Point the learning-rate schedule at the restored step under *this* run's schedule and base `lr`.
 
-    A checkpoint carries the optimizer's last learning rate and the scheduler's base rates; resuming
-    with a longer `run.steps` (or a new `optim.lr`) must not keep training at the old schedule's final
-    rate, so the rate for the next step is recomputed from the step alone.
+    A checkpoint carries the optimizer's last learning rate and the scheduler's base rates; resuming with
+    a longer `run.steps` (or a new `optim.lr`) must not keep training at the old schedule's final rate.
+    The scheduler's lambdas are this run's (`build_engine`; loading a state dict keeps them), so the next
+    step's rate is recomputed from the step alone.
     """
-    step = engine.global_steps
-    factor = warmup_cosine(
-        step, total_steps=run.steps, warmup_steps=optim.warmup_steps, final_ratio=optim.final_lr_ratio
-    )
     scheduler = engine.lr_scheduler
-    scheduler.base_lrs = [optim.lr] * len(scheduler.optimizer.param_groups)
-    scheduler.last_epoch = step
-    for group in scheduler.optimizer.param_groups:
-        group["initial_lr"] = optim.lr
-        group["lr"] = optim.lr * factor
-    scheduler._last_lr = [optim.lr * factor] * len(scheduler.optimizer.param_groups)
+    groups = scheduler.optimizer.param_groups
+    scheduler.base_lrs = [lr] * len(groups)
+    scheduler.last_epoch = engine.global_steps
+    scheduler._last_lr = [lr * fn(engine.global_steps) for fn in scheduler.lr_lambdas]
+    for group, rate in zip(groups, scheduler._last_lr):
+        group["initial_lr"], group["lr"] = lr, rate
 
 
 def grad_norm(engine: Any) -> float:

@@ -82,7 +82,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
         resumed_from, client, rank_state = load_checkpoint(engine, run_dir, rank=rank, world_size=world_size)
         objective.load_state_dict(client["objective"])
         counters.update(client["counters"])
-        resume_schedule(engine, cfg.run, cfg.optim)
+        resume_schedule(engine, cfg.optim.lr)
         loader.load_state_dict(rank_state["loader"])
         torch.set_rng_state(rank_state["torch_rng"])
         log.info("resumed from %s at step %d", resumed_from, engine.global_steps)

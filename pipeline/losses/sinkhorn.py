@@ -190,7 +190,6 @@ def _exp_rows_(p: torch.Tensor, lam: float, chunk: int, parts: list[slice]) -> t
     """p <- exp(max(lam * (p - rowmax), floor)) in place, chunk rows at a time; returns P's column sums (K,),
     taken while each chunk is still in cache (they are the first iteration's beta^T P, up to beta = 1/N)."""
     floor = EXP_FLOOR[p.dtype]
-    ones = torch.ones(chunk, dtype=p.dtype, device=p.device)
 
     def block(part: slice) -> tuple[torch.Tensor, torch.Tensor]:
         bad = torch.zeros((), dtype=torch.bool, device=p.device)
@@ -199,7 +198,7 @@ def _exp_rows_(p: torch.Tensor, lam: float, chunk: int, parts: list[slice]) -> t
             top = rows.amax(dim=1, keepdim=True)  # (c, 1); NaN anywhere in the row propagates here
             bad |= ~torch.isfinite(top).all()
             rows.sub_(top).mul_(lam).clamp_(min=floor).exp_()
-            colsum.add_(rows.t() @ ones[: rows.shape[0]])
+            colsum.add_(rows.sum(dim=0))  # per-chunk float32 sums, added up in float64
         return colsum, bad
 
     sums, bads = zip(*_in_threads(block, parts))
