@@ -9,7 +9,9 @@ iteration ÷ the two-GEMV iteration it replaced, all measured in the same run.
 Each case runs in its own subprocess so its peak RSS (VmHWM after a reset, minus the RSS before the buffer is
 allocated) is its own. Every head reuses one float32 buffer: scores are written into it, then solved in place
 (`sinkhorn(..., inplace=True)`), one head at a time. Iterations are fixed (tol=0) so cases compare, unless
---stop-rule; the 100k cases also report how many iterations SeLaVi's stopping rule (err <= 0.1) took. "÷2gemv" is
+--stop-rule; the 100k cases also report how many iterations SeLaVi's stopping rule (err <= 0.1) took, over-relaxed
+(the default) / plain (relax=1). With --stop-rule every head is solved both ways in the same process, and the run
+prints relaxed ÷ plain for seconds, iterations and time per iteration, and how many labels agree. "÷2gemv" is
 the fused iteration's time ÷ the previous implementation's (two full-matrix GEMVs, `beta @ P` then `P @ alpha`),
 timed on the last head's P in the same process. A CUDA case (1M x 3000) runs only when CUDA exists.
 """
@@ -64,48 +66,63 @@ def fill_scores_(buf: torch.Tensor, seed: int) -> None:
         rows.sub_(rows.logsumexp(dim=1, keepdim=True))
 
 
+def solve_heads(buf: torch.Tensor, heads: int, **options) -> dict:
+    """Every head solved in the one buffer (scores written, then solved in place): summed phase seconds,
+    iterations, CPU seconds, the fewest clusters any head used, and each head's labels."""
+    out = {"prep": 0.0, "iterate": 0.0, "argmax": 0.0, "iterations": 0, "cpu_seconds": 0.0, "labels": [], "relax": []}
+    for h in range(heads):
+        fill_scores_(buf, seed=h)
+        cpu = time.process_time()
+        res = sinkhorn(buf, 20.0, inplace=True, **options)
+        out["cpu_seconds"] += time.process_time() - cpu
+        for key in ("prep", "iterate", "argmax"):
+            out[key] += res.seconds[key]
+        out["iterations"] += res.iterations
+        out["labels"].append(res.labels)
+        out["relax"].append(res.relax)
+    out["seconds"] = out["prep"] + out["iterate"] + out["argmax"]
+    out["clusters_used_min"] = min(
+        int(torch.bincount(lab, minlength=buf.shape[1]).gt(0).sum()) for lab in out["labels"]
+    )
+    return out
+
+
 def run_case(n: int, k: int, heads: int, iters: int, device: str, stop_rule: bool, all_stop_rule: bool) -> dict:
+    """all_stop_rule: every head runs to SeLaVi's stopping rule, over-relaxed (the default) and then plain
+    (relax=1), in this order; otherwise every head runs `iters` iterations (and, if stop_rule, head 0 also runs to
+    the rule both ways, for its iteration counts)."""
     _reset_peak_rss()  # importing torch peaks higher than it settles; count only this case
     rss_before = _rss_bytes()
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     buf = torch.empty(n, k, dtype=torch.float32, device=device)
     matrix = buf.numel() * 4
-    totals = {"prep": 0.0, "iterate": 0.0, "argmax": 0.0}
-    used_iters, clusters_used, cpu = 0, [], 0.0
-    for h in range(heads):
-        fill_scores_(buf, seed=h)
-        cpu -= time.process_time()
-        if all_stop_rule:
-            res = sinkhorn(buf, 20.0, inplace=True)  # SeLaVi's rule: err <= 0.1, checked every 10 iterations
-        else:
-            res = sinkhorn(buf, 20.0, max_iters=iters, tol=0.0, inplace=True)
-        cpu += time.process_time()
-        for key in totals:
-            totals[key] += res.seconds[key]
-        used_iters += res.iterations
-        clusters_used.append(int(torch.bincount(res.labels, minlength=k).gt(0).sum()))
+    main = solve_heads(buf, heads, **({} if all_stop_rule else {"max_iters": iters, "tol": 0.0}))
+    if device == "cuda":
+        peak = torch.cuda.max_memory_allocated() / matrix
+    else:
+        peak = (_peak_rss_bytes() - rss_before) / matrix
     out = {
         "n": n,
         "k": k,
         "heads": heads,
-        "iterations": used_iters,
         "matrix_gib": matrix / GIB,
-        **totals,
-        "seconds": sum(totals.values()),
-        "clusters_used_min": min(clusters_used),
-        "cpu_seconds": cpu,
+        "peak_over_matrix": peak,
+        **{key: v for key, v in main.items() if key != "labels"},
     }
-    out["eff_gbs"] = 2 * matrix * used_iters / totals["iterate"] / 1e9
-    out["overhead_over_100"] = (totals["prep"] + totals["argmax"]) / (totals["iterate"] / used_iters * 100 * heads)
-    out["fused_over_two_gemv"] = totals["iterate"] / used_iters / _two_gemv_seconds(buf, device)
-    if device == "cuda":
-        out["peak_over_matrix"] = torch.cuda.max_memory_allocated() / matrix
-    else:
-        out["peak_over_matrix"] = (_peak_rss_bytes() - rss_before) / matrix
-    if stop_rule:
-        fill_scores_(buf, seed=0)
-        out["stop_rule_iterations"] = sinkhorn(buf, 20.0, inplace=True).iterations
+    used_iters = main["iterations"]
+    out["eff_gbs"] = 2 * matrix * used_iters / main["iterate"] / 1e9
+    out["overhead_over_100"] = (main["prep"] + main["argmax"]) / (main["iterate"] / used_iters * 100 * heads)
+    out["fused_over_two_gemv"] = main["iterate"] / used_iters / _two_gemv_seconds(buf, device)
+    if all_stop_rule:
+        plain = solve_heads(buf, heads, relax=1.0)
+        out["plain_seconds"], out["plain_iterations"] = plain["seconds"], plain["iterations"]
+        out["iteration_time_over_plain"] = (main["iterate"] / used_iters) / (plain["iterate"] / plain["iterations"])
+        out["labels_agree_with_plain"] = min(
+            float((a == b).double().mean()) for a, b in zip(main["labels"], plain["labels"])
+        )
+    elif stop_rule:
+        out["stop_rule_iterations"] = [solve_heads(buf, 1, relax=w)["iterations"] for w in (None, 1.0)]
     return out
 
 
@@ -165,7 +182,7 @@ def main() -> None:
     print(f"load average {load:.1f} on {os.cpu_count()} cores, torch threads {args.threads}", file=sys.stderr)
     print(
         "case              dev   s total  s cpu  prep  iter  argmax  iters  GB/s  ÷copy ÷gemv  ÷2gemv  "
-        "(prep+argmax)÷100it  peak÷matrix  stop-rule iters"
+        "(prep+argmax)÷100it  peak÷matrix  stop-rule iters relaxed/plain"
     )
     for case, device in cases:
         cmd = [
@@ -194,8 +211,16 @@ def main() -> None:
             f"{name:<17} {device:<5} {r['seconds']:7.2f} {r['cpu_seconds']:6.1f} {r['prep']:5.2f} {r['iterate']:5.2f} "
             f"{r['argmax']:6.2f} {r['iterations']:6d} {r['eff_gbs']:5.1f} {r['eff_gbs'] / b['copy_gbs']:6.2f} "
             f"{r['eff_gbs'] / b['gemv_gbs']:5.2f} {r['fused_over_two_gemv']:7.2f}  {r['overhead_over_100']:19.2f}  "
-            f"{r['peak_over_matrix']:11.2f}  {r.get('stop_rule_iterations', '-')}"
+            f"{r['peak_over_matrix']:11.2f}  {'/'.join(map(str, r.get('stop_rule_iterations', ['-'])))}"
         )
+        if "plain_seconds" in r:
+            print(
+                f"  relax {', '.join(f'{w:.2f}' for w in r['relax'])} per head; plain (relax=1): "
+                f"{r['plain_seconds']:.2f} s, {r['plain_iterations']} iterations; relaxed ÷ plain: seconds "
+                f"{r['seconds'] / r['plain_seconds']:.2f}, iterations {r['iterations'] / r['plain_iterations']:.2f}, "
+                f"time per iteration {r['iteration_time_over_plain']:.2f}; "
+                f"labels agree {r['labels_agree_with_plain']:.6f} (worst head)"
+            )
     print(f"load average {os.getloadavg()[0]:.1f} at the end", file=sys.stderr)
     for device, b in bw.items():
         print(f"{device}: copy {b['copy_gbs']:.1f} GB/s (read+write), GEMV {b['gemv_gbs']:.1f} GB/s (read)")

@@ -16,7 +16,7 @@ from pipeline.losses import SelfLabelConfig
 from pipeline.losses.gdt import gdt_loss
 from pipeline.losses.milnce import milnce_loss
 from pipeline.losses.selflabel import SelfLabelling
-from pipeline.losses.sinkhorn import sinkhorn_knopp
+from pipeline.losses.sinkhorn import sinkhorn, sinkhorn_knopp
 
 pytestmark = pytest.mark.distributed
 WORLD, B, K, DIN, D_OUT = 2, 3, 2, 5, 4
@@ -36,6 +36,7 @@ def make_inputs():
         "vlogp": torch.log_softmax(torch.randn(20, 2, 4, generator=g), -1),
         "alogp": torch.log_softmax(torch.randn(20, 2, 4, generator=g), -1),
         "idx": torch.randperm(20, generator=g),
+        "sharp": torch.log_softmax(torch.randn(400, 8, generator=g, dtype=torch.float64) * 2, 1),  # relaxation on
     }
 
 
@@ -74,6 +75,9 @@ def worker(rank, port, out_path):
         res["varlen"] = D.all_gather_varlen(torch.arange(rank + 2))  # 2 rows on rank 0, 3 on rank 1
         sk_rows = slice(0, 9) if rank == 0 else slice(9, 23)  # uneven rows per rank
         res["sk"] = D.all_gather_varlen(sinkhorn_knopp(x["scores"][sk_rows], 20.0, distributed=True, tol=1e-3))
+        sharp = sinkhorn(x["sharp"][:150] if rank == 0 else x["sharp"][150:], 20.0, distributed=True, tol=1e-3)
+        res["sharp"] = D.all_gather_varlen(sharp.labels)
+        res["sharp/steps"] = torch.tensor([sharp.iterations, sharp.relax], dtype=torch.float64)
         sl = relabel(x, slice(0, 12) if rank == 0 else slice(12, 20))
         res["labels"], res["audio_perm"] = sl.labels, sl.audio_perm
         D.barrier()
@@ -120,6 +124,12 @@ def test_losses_and_averaged_gradients_equal_one_process(two_ranks, name):
 def test_sinkhorn_and_relabel_equal_one_process(two_ranks):
     x = make_inputs()
     assert torch.equal(two_ranks[0]["sk"], sinkhorn_knopp(x["scores"], 20.0, tol=1e-3))
+    sharp = sinkhorn(x["sharp"], 20.0, tol=1e-3)  # over-relaxed: every rank must take the same decisions
+    assert sharp.relax > 1
+    assert torch.equal(two_ranks[0]["sharp/steps"], two_ranks[1]["sharp/steps"])
+    assert two_ranks[0]["sharp/steps"].tolist() == pytest.approx([sharp.iterations, sharp.relax], rel=1e-12)
+    for res in two_ranks:
+        assert torch.equal(res["sharp"], sharp.labels)
     sl = relabel(x, slice(None))
     for res in two_ranks:
         assert torch.equal(res["labels"], sl.labels)

@@ -72,6 +72,7 @@ class SelfLabelConfig:
     align_modalities: bool = True  # permute audio clusters onto video clusters at the first labelling (SeLaVi MA)
     sk_max_iters: int = 2000
     sk_tol: float = 0.1
+    sk_relax: float | None = None  # Sinkhorn-Knopp over-relaxation in [1, 2): 1 = SeLaVi's iterates; null = auto
     seed: int = 0  # initial labels, marginal draws, head grouping
 
     def __post_init__(self):
@@ -86,6 +87,8 @@ class SelfLabelConfig:
             )
         if self.marginals == "uniform" and self.marginal_param is not None:
             raise ValueError(f"selflabel.marginal_param={self.marginal_param} does nothing with uniform marginals")
+        if self.sk_relax is not None and not 1 <= self.sk_relax < 2:
+            raise ValueError(f"selflabel.sk_relax must be in [1, 2) or null, got {self.sk_relax}")
         if self.marginal_param is not None and self.marginal_param <= 0:
             raise ValueError(f"selflabel.marginal_param must be > 0, got {self.marginal_param}")
 

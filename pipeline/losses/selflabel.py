@@ -146,7 +146,7 @@ class SelfLabelling(nn.Module):
         self._check_rows(video, audio, idx, heads)
         has = None if audio is None else _as_mask(has_audio, idx.shape[0], video[0].device)
         first_run = int(self.runs_done) == 0 and self.cfg.align_modalities and audio is not None
-        new, iters, errors = [], [], []
+        new, iters, errors, relax = [], [], [], []
         for j, h in enumerate(heads):
             perm = None
             if first_run:  # the model's audio logits are not aligned yet: align them for this labelling
@@ -163,6 +163,7 @@ class SelfLabelling(nn.Module):
                 target,
                 max_iters=self.cfg.sk_max_iters,
                 tol=self.cfg.sk_tol,
+                relax=self.cfg.sk_relax,
                 distributed=True,
                 inplace=True,
             )
@@ -170,6 +171,7 @@ class SelfLabelling(nn.Module):
             new.append(res.labels)
             iters.append(res.iterations)
             errors.append(res.error)
+            relax.append(res.relax)
         stats: dict[str, float | torch.Tensor] = self._write_labels(idx, torch.stack(new, dim=1), heads)
         self.heads_done[heads] = True
         if bool(self.heads_done.all()):
@@ -180,6 +182,7 @@ class SelfLabelling(nn.Module):
                 "run": float(self.runs_done),
                 "sk_iterations": float(max(iters)),
                 "sk_error": float(max(errors)),
+                "sk_relax": float(max(relax)),  # over-relaxation factor of the last SK iteration (1: plain)
                 "seconds": time.perf_counter() - start,
             }
         )
