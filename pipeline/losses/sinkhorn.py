@@ -138,8 +138,19 @@ def sinkhorn(
             # CPU: a ~2 MiB chunk read from memory by the iteration's first GEMV is still in cache for its second.
             # GPU: one chunk (the whole block): its cache is small next to the matrix and launches cost more.
             pass_rows = chunk if cpu else max(1, n_local)
-            stop = (max_iters, tol, check_every, relax)
-            alpha, beta, iterations, err, w = _scale(p, colsum, r, n, stop, sync, pass_rows, parts)
+            alpha, beta, iterations, err, w = _scale(
+                p,
+                colsum,
+                r,
+                n,
+                sync,
+                pass_rows,
+                parts,
+                max_iters=max_iters,
+                tol=tol,
+                check_every=check_every,
+                relax=relax,
+            )
         finally:
             if flushed:
                 torch.set_flush_denormal(False)
@@ -227,14 +238,13 @@ def _exp_rows_(p: torch.Tensor, lam: float, chunk: int, parts: list[slice]) -> t
 
 
 @torch.no_grad()
-def _scale(p, colsum, r, n, stop, sync, chunk, parts):
+def _scale(p, colsum, r, n, sync, chunk, parts, *, max_iters, tol, check_every, relax):
     """SeLaVi's fixed-point iteration, over-relaxed: alpha = r / (beta^T P), beta' = c / (P alpha), c = 1/N, each
     step taken w times in log space (w = 1: SeLaVi's iterates). `colsum` (K,) holds P's column sums (beta = c).
 
     Relaxation (see the module docstring): plain up to the third check; with relax=None, w comes from the
     convergence rate between the second and third checks. Whenever err fails to fall from one check to the next
     (or is not finite), the state of the last check is restored and the rest runs plain."""
-    max_iters, tol, check_every, relax = stop
     floor = n * STOP_FLOOR_EPS * torch.finfo(p.dtype).eps
     if 0 < tol < floor:  # tol=0 still means "run max_iters"
         log.debug("Sinkhorn-Knopp tol %.3g raised to the rounding floor %.3g (N=%d, %s)", tol, floor, n, p.dtype)
