@@ -1,20 +1,28 @@
-"""Loader throughput vs the same per-sample work in a plain loop, measured in one run.
+"""Loader cost at a training clip size, against bare decoding of the same frames, measured in one run.
 
-    .venv/bin/python bench/loader.py                    # builds a small synth dataset in a temp dir
-    .venv/bin/python bench/loader.py --audio-format wav # the synth dataset with 16-bit WAV instead of FLAC
-    .venv/bin/python bench/loader.py --dataset DIR      # or use a built one (needs tokenizer.model for text)
+    .venv/bin/python bench/loader.py                                   # quickstart size: 8x64@10 from 64 px
+    .venv/bin/python bench/loader.py --clip 32x224@10 --source-short-side 256 --source-fps 16   # milnce_s3d
+    .venv/bin/python bench/loader.py --clip 16x112@10 --source-short-side 128 --source-fps 16
+    .venv/bin/python bench/loader.py --clip 30x112@30 --source-short-side 128 --source-fps 30 --views gdt
+    .venv/bin/python bench/loader.py --dataset DIR                      # a built dataset (needs tokenizer.model)
 
-Prints, at the quickstart clip size (8 frames, 64 px, ~10 fps, 1 s audio, MIL-NCE views with K=4 captions):
-clips/s of the loader with 0, 1 and 2 workers; clips/s of a plain single-process loop over the same shards
-calling the same per-sample function; the ratio loader / (workers x loop) (goal >= 0.9); frames decoded
-per frame used; and the share of per-sample time spent in audio and text (goal <= 10 %).
+The loader is set up as for a GPU run: workers decode and cut crop boxes, the batched augmentation runs in the
+main process (`augment.where: device`), timed on its own. Prints, for one worker (one core):
+- worker CPU per clip / bare decode CPU per clip (goal <= 1.15), where bare decode is decord's
+  `VideoReader(bytes, num_threads=1).get_batch(indices)` on exactly the frames the view sampler picks;
+- the augmentation step's ms per clip on this CPU (and on the GPU when CUDA exists);
+- frames decoded per frame used (goal <= 1.6), bytes per clip handed from a worker to the main process;
+- the CPU cores one H100 needs at 35 % MFU to be fed, from the model's FLOPs and the worker CPU per clip;
+- the loader with 2 workers against 2 x the plain per-sample loop, and the audio/text share of a sample.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import os
+import re
 import resource
 import sys
 import tarfile
@@ -28,20 +36,57 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.contracts import AudioInput, TextInput, VideoInput  # noqa: E402
+from pipeline import video as Vd  # noqa: E402
 from pipeline import views  # noqa: E402
-from pipeline.data import DataConfig, DatasetSource, TextConfig, make_train_loader, resolve_inputs  # noqa: E402
+from pipeline.data import make_train_loader  # noqa: E402
+from pipeline.data_config import (  # noqa: E402
+    AudioConfig,
+    AugmentConfig,
+    DataConfig,
+    DatasetSource,
+    TextConfig,
+    resolve_inputs,  # noqa: E402
+)
+from pipeline.stages import CheckSample, collate_rows  # noqa: E402
 
-CONTRACTS = dict(video=VideoInput(8, 64, 10.0), audio=AudioInput(16000, 40, 1.0), text=TextInput(16, 1000))
+H100_BF16_FLOPS, MFU = 989e12, 0.35
+TRAIN_FLOPS_PER_FORWARD = 3  # forward + backward ~ 3x the forward's multiply-adds
 
 
-def build_dataset(root: Path, audio_format: str = "flac") -> Path:
+def parse_clip(text: str) -> tuple[int, int, float]:
+    m = re.fullmatch(r"(\d+)x(\d+)@([\d.]+)", text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"--clip {text!r}: expected FRAMESxSIZE@FPS, e.g. 32x224@10")
+    return int(m[1]), int(m[2]), float(m[3])
+
+
+def build_dataset(root: Path, short_side: int, fps: float, audio_format: str) -> Path:
     from data_prep.build import build_dataset as build
     from data_prep.synth import make_synth_corpus
     from data_prep.tokenizer import train_tokenizer
 
-    make_synth_corpus(root / "synth", videos=16, seed=0, seconds=8.0, width=128, height=96, fps=20, workers=2)
-    build(root / "synth", root / "ds", fps=10, short_side=64, max_seconds=30.0, sample_rate=16000,
-          samples_per_shard=4, workers=2, audio_format=audio_format)  # fmt: skip
+    long_side = round(short_side * 16 / 9)
+    make_synth_corpus(
+        root / "synth",
+        videos=16,
+        seed=0,
+        seconds=8.0,
+        width=long_side + long_side % 2,
+        height=short_side,
+        fps=30,
+        workers=2,
+    )
+    build(
+        root / "synth",
+        root / "ds",
+        fps=fps,
+        short_side=short_side,
+        max_seconds=30.0,
+        sample_rate=16000,
+        samples_per_shard=4,
+        workers=2,
+        audio_format=audio_format,
+    )
     train_tokenizer(root / "ds", vocab_size=200)
     return root / "ds"
 
@@ -58,17 +103,17 @@ def read_samples(dataset: Path) -> list[dict]:
 
 
 def plain_loop(cfg: DataConfig, raws: list[dict], clips: int) -> dict:
-    """The per-sample function in a loop (read from memory), timing audio and text and counting decoded frames."""
+    """The per-sample function in a loop (read from memory) plus collation, one row per batch; also records
+    which frames each clip decoded, for the bare-decode loop, and times audio and text."""
     from data_prep.tokenizer import load_tokenizer
 
     tok = load_tokenizer(cfg.text.tokenizer)
-    check = views.CheckSample(cfg, {})
+    check = CheckSample(cfg, {})
     timers = {"audio": 0.0, "text": 0.0}
-    opened = []
+    picked, data_of, decoded = [], {}, [0]
 
     def timed(name, fn):
-        # CPU time of this thread only: decord's decoder threads keep working while a helper runs, and
-        # process_time would count their work as the helper's (it inflated the audio share about 1.6x).
+        # CPU time of this thread only: decord's decoder threads keep working while a helper runs.
         def run(*a, **k):
             t = time.thread_time()
             try:
@@ -78,74 +123,177 @@ def plain_loop(cfg: DataConfig, raws: list[dict], clips: int) -> dict:
 
         return run
 
-    # The audio helpers nest (_audio_view calls the other two): time the leaves so nothing counts twice.
-    orig = views._audio_windows, views._audio_spec, views._tokenize, views.Vd.open_video
-    views._audio_windows, views._audio_spec = timed("audio", orig[0]), timed("audio", orig[1])
-    views._tokenize = timed("text", orig[2])
-    views.Vd.open_video = lambda data, backend: opened.append(orig[3](data, backend)) or opened[-1]
+    def record_open(data, backend, size=None):
+        video = orig[2](data, backend, size)
+        data_of[id(video)] = data
+        return video
+
+    def record_decode(video, start, num_frames, fps):
+        picked.append((data_of[id(video)], Vd.frame_indices(start, num_frames, fps, video.fps, video.num_frames)))
+        before = video.decoded_frames
+        clip = orig[3](video, start, num_frames, fps)
+        decoded[0] += video.decoded_frames - before
+        return clip
+
+    orig = views._audio_views, views._tokenize, views.Vd.open_video, views.Vd.decode_clip
+    views._audio_views, views._tokenize = timed("audio", orig[0]), timed("text", orig[1])
+    views.Vd.open_video, views.Vd.decode_clip = record_open, record_decode
     try:
         t0, c0 = time.perf_counter(), time.process_time()
         for n in range(clips):
-            views.sample_views(check(dict(raws[n % len(raws)])), cfg, np.random.default_rng(n), tok)
+            row = views.sample_views(check(dict(raws[n % len(raws)])), cfg, np.random.default_rng(n), tok)
+            collate_rows([row], {})
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     finally:
-        views._audio_windows, views._audio_spec, views._tokenize, views.Vd.open_video = orig
-    used = clips * cfg.num_frames
-    decoded = sum(v.decoded_frames for v in opened)
-    return {"clips_s": clips / wall, "clips_cpu_s": clips / cpu, "decoded_per_used": decoded / used,
-            "audio_share": timers["audio"] / cpu, "text_share": timers["text"] / cpu}  # fmt: skip
+        views._audio_views, views._tokenize, views.Vd.open_video, views.Vd.decode_clip = orig
+    used = sum(len(idx) for _, idx in picked)
+    return {
+        "clips_s": clips / wall,
+        "clips_cpu_s": clips / cpu,
+        "decoded_per_used": decoded[0] / used,
+        "audio_share": timers["audio"] / cpu,
+        "text_share": timers["text"] / cpu,
+        "picks": picked,
+    }
 
 
-def cpu_seconds() -> float:
-    """CPU time of this process plus its finished children (the DataLoader workers)."""
+def bare_decode(picks: list[tuple[bytes, list[int]]]) -> float:
+    """CPU seconds per clip of decord decoding exactly the picked frames, nothing else."""
+    import decord
+
+    c0 = time.process_time()
+    for data, idx in picks:
+        decord.VideoReader(io.BytesIO(data), num_threads=1).get_batch(sorted(set(idx)))
+    return (time.process_time() - c0) / len(picks)
+
+
+def cpu_times() -> tuple[float, float]:
+    """CPU seconds of this process and of its finished children (the DataLoader workers)."""
     own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+    return own.ru_utime + own.ru_stime, kids.ru_utime + kids.ru_stime
 
 
-def loader_rate(cfg: DataConfig, workers: int, clips: int) -> tuple[float, float]:
-    """Clips per wall-second and per CPU-second (main process + workers, startup included)."""
+def loader_run(cfg: DataConfig, workers: int, clips: int) -> dict:
+    """One loader epoch of `clips` clips with the augmentation in the main process; CPU by process, per clip."""
     cfg = dataclasses.replace(cfg, num_workers=workers, epoch_samples=clips)
-    loader = make_train_loader(cfg, rank=0, world_size=1, seed=0)
-    t0, c0, n = time.perf_counter(), cpu_seconds(), 0
+    loader = make_train_loader(cfg, rank=0, world_size=1, seed=0, device="cpu")
+    t0, (own0, kids0) = time.perf_counter(), cpu_times()
+    n, step_s, handed = 0, 0.0, 0
     for batch in loader:
+        handed += sum(v.numel() * v.element_size() for v in batch.values() if torch.is_tensor(v))
+        t = time.thread_time()
+        loader.to_device(batch)  # device = this CPU: the batched augmentation step
+        step_s += time.thread_time() - t
         n += len(batch["idx"])
     wall = time.perf_counter() - t0
     loader.close()  # joins the workers, so their CPU time is in RUSAGE_CHILDREN
-    return n / wall, n / (cpu_seconds() - c0)
+    own1, kids1 = cpu_times()
+    return {
+        "clips_s": n / wall,
+        "worker_cpu": (kids1 - kids0) / n,
+        "main_cpu": (own1 - own0) / n,
+        "step_ms": step_s / n * 1e3,
+        "bytes": handed / n,
+    }
+
+
+def step_on_gpu(cfg: DataConfig, batch: dict, repeats: int = 20) -> float | None:
+    """ms per clip of the batched augmentation on a CUDA device, when there is one."""
+    if not torch.cuda.is_available():
+        return None
+    from pipeline.augment import augment_batch
+
+    dev = torch.device("cuda")
+    on_gpu = {
+        k: v.pin_memory().to(dev) if torch.is_tensor(v) and not k.endswith("_aug") else v for k, v in batch.items()
+    }
+    augment_batch(dict(on_gpu), cfg)  # warm-up
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(repeats):
+        augment_batch(dict(on_gpu), cfg)
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) / repeats / len(batch["idx"]) * 1e3
+
+
+def train_gflops(model: str, frames: int, size: int) -> float:
+    """Forward + backward GFLOPs of one clip for video variant `model` at frames x size^2."""
+    from models import build_encoder
+    from models.flops import count_flops
+
+    with torch.device("meta"):
+        encoder = build_encoder(model)
+        x = torch.zeros(1, 3, frames, size, size)
+    return TRAIN_FLOPS_PER_FORWARD * count_flops(encoder.eval().forward_features, x) / 1e9
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--clip", type=parse_clip, default=(8, 64, 10.0), help="FRAMESxSIZE@FPS (default 8x64@10)")
+    ap.add_argument("--source-short-side", type=int, default=64, help="short side of the synth dataset it builds")
+    ap.add_argument("--source-fps", type=float, default=10.0, help="frame rate of the synth dataset it builds")
+    ap.add_argument("--views", default="milnce", choices=["milnce", "gdt", "selflabel"])
+    ap.add_argument("--audio", action="store_true", help="load audio too (milnce_s3d trains without)")
+    ap.add_argument("--model", help="video variant for the FLOPs (default: s3d, r2plus1d_18 for GDT views)")
     ap.add_argument("--dataset", type=Path, help="a built dataset dir (default: build a synth one in a temp dir)")
-    ap.add_argument("--clips", type=int, default=2048, help="clips per measurement (amortises worker start-up)")
-    ap.add_argument("--decoder", default="decord", choices=["decord", "pyav"])
-    ap.add_argument("--audio-format", default="flac", choices=["flac", "wav"], help="audio of the synth dataset")
+    ap.add_argument("--clips", type=int, default=512, help="clips per measurement")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--audio-format", default="wav", choices=["flac", "wav"], help="audio of the synth dataset")
     args = ap.parse_args()
-    torch.set_num_threads(1)  # the loop and each DataLoader worker get one core
+    frames, size, fps = args.clip
+    model = args.model or ("r2plus1d_18" if args.views == "gdt" else "s3d")
+    torch.set_num_threads(1)  # the loop, each DataLoader worker and the augmentation step get one core
     with tempfile.TemporaryDirectory() as tmp:
-        dataset = args.dataset or build_dataset(Path(tmp), args.audio_format)
-        text = TextConfig(num_captions=4, tokenizer=str(dataset / "tokenizer.model"))
-        base = DataConfig(datasets=[DatasetSource(str(dataset))], views="milnce", batch_size=8, shuffle_buffer=64,
-                          decoder=args.decoder, text=text)  # fmt: skip
-        cfg = resolve_inputs(base, **CONTRACTS)
+        dataset = args.dataset or build_dataset(Path(tmp), args.source_short_side, args.source_fps, args.audio_format)
+        base = DataConfig(
+            datasets=[DatasetSource(str(dataset))],
+            views=args.views,
+            batch_size=args.batch_size,
+            shuffle_buffer=64,
+            audio=AudioConfig(enabled=args.audio or args.views != "milnce"),
+            text=TextConfig(enabled=args.views == "milnce", num_captions=4, tokenizer=str(dataset / "tokenizer.model")),
+            augment=AugmentConfig(where="device"),
+        )
+        contracts = dict(
+            video=VideoInput(frames, size, fps), audio=AudioInput(16000, 40, frames / fps), text=TextInput(16, 1000)
+        )
+        cfg = resolve_inputs(base, **contracts)
         raws = read_samples(dataset)
-        plain_loop(cfg, raws, 16)  # warm-up: imports, mel filterbank, tokenizer
+        plain_loop(cfg, raws, 8)  # warm-up: imports, mel filterbank, tokenizer
         loop = plain_loop(cfg, raws, args.clips)
-        rates = {w: loader_rate(cfg, w, args.clips) for w in (0, 1, 2)}
-        loop_after = plain_loop(cfg, raws, args.clips)  # the machine is shared: bracket the loader runs
-    raw = (loop["clips_s"] + loop_after["clips_s"]) / 2
-    raw_cpu = (loop["clips_cpu_s"] + loop_after["clips_cpu_s"]) / 2
-    audio = next((k for k in ("flac", "wav") if k in raws[0]), "no")
-    print(f"\nloader benchmark: {len(raws)} samples ({audio} audio), {args.clips} clips per run, "
-          f"decoder {args.decoder}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")  # fmt: skip
-    print("                       clips/s  ratio to W x loop | clips/CPU-s  ratio to loop (goal >= 0.9)")
-    print(f"plain loop            {raw:7.1f}                   | {raw_cpu:7.1f}")
-    for w, (r, rc) in rates.items():
-        print(f"loader, {w} workers    {r:7.1f}  {r / (max(w, 1) * raw):10.2f}        | {rc:7.1f}  {rc / raw_cpu:8.2f}")
-    print(f"frames decoded per frame used  {loop['decoded_per_used']:.2f}")
-    audio_share, text_share = ((loop[k] + loop_after[k]) / 2 for k in ("audio_share", "text_share"))
-    print(f"share of sample time in audio  {audio_share:.1%} ({audio_share / raw_cpu * 1e3:.2f} ms), "
-          f"text {text_share:.1%} ({text_share / raw_cpu * 1e3:.2f} ms) (together goal <= 10 %)")  # fmt: skip
+        decode_before = bare_decode(loop["picks"])
+        one = loader_run(cfg, 1, args.clips)
+        two = loader_run(cfg, 2, args.clips)
+        decode_after = bare_decode(loop["picks"])  # the machine is shared: bracket the loader runs
+        sample = next(iter(make_train_loader(dataclasses.replace(cfg, num_workers=0), rank=0, world_size=1, seed=0)))
+        gpu_ms = step_on_gpu(cfg, sample)
+    decode = (decode_before + decode_after) / 2
+    stored = next(iter(read_samples(dataset)))
+    meta = __import__("json").loads(stored["json"])
+    gflops = train_gflops(model, frames, size)
+    need = MFU * H100_BF16_FLOPS / (gflops * 1e9)  # clips per second one H100 trains
+    print(
+        f"\nloader benchmark: {frames}x{size}@{fps:g} {args.views} views ({'with' if cfg.audio.enabled else 'no'} "
+        f"audio), stored {meta['width']}x{meta['height']} @ {meta['fps']:g} fps, {args.clips} clips per run, "
+        f"batch {args.batch_size}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}"
+    )
+    print(f"bare decode (decord get_batch, same frames)     {decode * 1e3:7.2f} ms CPU per clip")
+    print(f"loader worker, 1 worker                        {one['worker_cpu'] * 1e3:7.2f} ms CPU per clip")
+    print(f"worker CPU per clip / bare decode CPU per clip: {one['worker_cpu'] / decode:.2f}   (goal <= 1.15)")
+    print(f"augmentation step on this CPU (main process)    {one['step_ms']:7.2f} ms per clip")
+    if gpu_ms is not None:
+        print(f"augmentation step on {torch.cuda.get_device_name()}  {gpu_ms:7.3f} ms per clip")
+    else:
+        print("augmentation step on a GPU                      not measured (no CUDA device)")
+    print(f"main process CPU per clip (incl. the step)      {one['main_cpu'] * 1e3:7.2f} ms")
+    print(f"frames decoded per frame used                   {loop['decoded_per_used']:7.2f}   (goal <= 1.6)")
+    print(f"bytes per clip, worker -> main process          {one['bytes'] / 1e6:7.2f} MB")
+    print(f"model {model}: {gflops:.1f} GFLOP per training clip; one H100 at {MFU:.0%} MFU trains {need:,.0f} clips/s")
+    print(
+        f"cores needed per H100 at 35 % MFU: {need * one['worker_cpu']:,.0f} (bare decode alone: {need * decode:,.0f})"
+    )
+    print(f"loader, 2 workers / (2 x plain loop), clips/s: {two['clips_s'] / (2 * loop['clips_s']):.2f}")
+    print(f"share of sample time in audio {loop['audio_share']:.1%}, text {loop['text_share']:.1%}")
 
 
 if __name__ == "__main__":

@@ -118,7 +118,8 @@ def embed_dataset(
     data_overrides: dict | None = None,
 ) -> dict:
     """Embed every sample of `dataset` with `model` into `out` (see the module docstring); call on every rank."""
-    from pipeline.data import DataConfig, DatasetSource, make_eval_loader, resolve_inputs
+    from pipeline.data import make_eval_loader
+    from pipeline.data_config import DataConfig, DatasetSource, resolve_inputs
 
     out = Path(out)
     if not Path(dataset, "dataset.json").is_file() and not Path(dataset, "shards").is_dir():

@@ -58,7 +58,7 @@ def text_query(model: LoadedModel, text: str, space: str = "vt") -> np.ndarray:
 
 def video_query(model: LoadedModel, path: str | Path, *, space: str = "vt", windows: int = 4) -> np.ndarray:
     """The normalised `video@<space>` embedding (D,) of a clip file: `windows` evenly spaced clips, averaged."""
-    from pipeline.video import center_crop, decode_clip, open_video
+    from pipeline.video import center_clip, decode_clip, open_video
 
     path = Path(path)
     if not path.is_file():
@@ -72,7 +72,7 @@ def video_query(model: LoadedModel, path: str | Path, *, space: str = "vt", wind
         raise ValueError(f"{path}: cannot decode ({type(e).__name__}: {e})") from e
     duration = video.num_frames / video.fps
     starts = np.linspace(0, max(duration - contract.seconds, 0), windows)
-    clips = [center_crop(decode_clip(video, s, contract.num_frames, contract.fps), contract.size) for s in starts]
+    clips = [center_clip(decode_clip(video, s, contract.num_frames, contract.fps), contract.size) for s in starts]
     batch = {"video": torch.stack(clips)[None]}  # (1, W, C, T, H, W)
     with torch.inference_mode():
         z = model.module(batch)[f"video@{space}"]  # (1, W, D)

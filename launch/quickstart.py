@@ -108,7 +108,8 @@ def export_random_init(cfg, out_dir: Path, *, tokenizer: Path, calibration_batch
 def calibrate_batchnorm(model: torch.nn.Module, data_cfg, *, batches: int) -> None:
     """Replace every BatchNorm's running statistics by their average over the first `batches` eval batches of
     `data_cfg`'s datasets (fewer when an epoch is shorter); no gradient step. Clip settings come from the model."""
-    from pipeline.data import make_eval_loader, resolve_inputs
+    from pipeline.data import make_eval_loader
+    from pipeline.data_config import resolve_inputs
 
     norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     momenta = [m.momentum for m in norms]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 
 @dataclass(frozen=True)
 class VideoInput:
@@ -47,3 +49,15 @@ class TextInput:
 
     max_tokens: int
     vocab_size: int
+
+
+def normalize_video(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """Frames with values in [0, 255] (uint8, or float from the augmentation step), channels on dim -4
+    (`(..., C, T, H, W)`) -> float32 `(x / 255 - mean) / std`, the model's input (`VideoInput.mean/std`).
+
+    float32 input is normalised in place. Constants go in as Python scalars, so no host-to-device copy stalls
+    an accelerator's queue."""
+    x = x if x.dtype == torch.float32 else x.float()
+    for c, (m, s) in enumerate(zip(mean, std)):
+        x.select(-4, c).mul_(1 / (255 * s)).sub_(m / s)
+    return x

@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from models import VARIANTS, build_encoder, variant_contract
-from models.contracts import AudioInput, TextInput, VideoInput
+from models.contracts import AudioInput, TextInput, VideoInput, normalize_video
 from models.heads import SelfLabelHeads, make_projection
 
 log = logging.getLogger(__name__)
@@ -136,9 +136,6 @@ class MultiTower(nn.Module):
         for modality, contract in cfg.contracts().items():
             freeze = cfg.freeze_text_embeddings if modality == "text" else False
             self.encoders[modality] = build_encoder(getattr(cfg, modality), contract=contract, freeze_embeddings=freeze)
-        video = self.encoders["video"].input_contract if "video" in self.encoders else VideoInput(1, 1, 1.0)
-        self.register_buffer("video_mean", torch.tensor(video.mean).view(1, 3, 1, 1, 1), persistent=False)
-        self.register_buffer("video_std", torch.tensor(video.std).view(1, 3, 1, 1, 1), persistent=False)
         self.heads = nn.ModuleDict({s.name: self._space_heads(s) for s in self.spaces})
         self.selflabel = nn.ModuleDict()
         if cfg.selflabel_heads:
@@ -176,14 +173,16 @@ class MultiTower(nn.Module):
         return {m: enc.input_contract for m, enc in self.encoders.items()}
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        device = self.video_mean.device
+        device = next(self.parameters()).device
         feats: dict[str, Tensor] = {}  # modality -> (N, F), N = B*V or B*K
         lead: dict[str, tuple[int, int]] = {}  # modality -> (B, V or K)
         if "video" in batch and "video" in self.encoders:
-            video = batch["video"]  # (B, V, C, T, H, W) uint8
+            video = batch["video"]  # (B, V, C, T, H, W): uint8 pixels, or float already normalised
             lead["video"] = tuple(video.shape[:2])
-            x = video.to(device, non_blocking=True).flatten(0, 1).float().div_(255.0)
-            x = (x - self.video_mean) / self.video_std  # (B*V, C, T, H, W)
+            x = video.to(device, non_blocking=True).flatten(0, 1)  # (B*V, C, T, H, W)
+            if x.dtype == torch.uint8:
+                contract = self.encoders["video"].input_contract
+                x = normalize_video(x, contract.mean, contract.std)
             feats["video"] = self.encoders["video"].forward_features(x)
         if "audio" in batch and "audio" in self.encoders:
             audio = batch["audio"]  # (B, V, 1, F, Ta)

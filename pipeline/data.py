@@ -17,8 +17,7 @@ import dataclasses
 import logging
 import math
 import os
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass
 
 import braceexpand
 import numpy as np
@@ -26,10 +25,13 @@ import torch
 import webdataset as wds
 
 from data_prep.shards import iter_json_members, read_dataset_json
-from models.contracts import AudioInput, TextInput, VideoInput
+from pipeline.augment import augment_batch
+from pipeline.data_config import DataConfig, DatasetSource, check_resolved
 from pipeline.stages import (
     BatchSamples,
+    CheckSample,
     EpochState,
+    EpochStream,
     ExactShards,
     MakeViews,
     ResampledShards,
@@ -40,122 +42,8 @@ from pipeline.stages import (
     split_by_worker,
     wanted_member,
 )
-from pipeline.views import VIEWS, CheckSample
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class DatasetSource:
-    """A dataset dir (with dataset.json) or a brace-expanded shard spec; `weight` None = by sample count."""
-
-    path: str
-    weight: float | None = None
-
-
-@dataclass
-class AudioConfig:
-    enabled: bool = True
-    sample_rate: int | None = None  # None: from the model's AudioInput
-    num_mel_bins: int | None = None
-    seconds: float | None = None
-    win_ms: float | None = None
-    hop_ms: float | None = None
-
-
-@dataclass
-class TextConfig:
-    enabled: bool = True
-    num_captions: int = 4  # K candidate captions per clip
-    max_tokens: int | None = None  # None: from the model's TextInput
-    tokenizer: str | None = None  # None: <first dataset>/tokenizer.model
-
-
-@dataclass
-class AugmentConfig:
-    enabled: bool = True  # False: centre crop, no flip/jitter/SpecAugment/volume (training views only)
-    crop_scale: tuple[float, float] = (0.5, 1.0)
-    flip: bool = True
-    color_jitter: float = 0.4
-    spec_augment: bool = True
-    volume_jitter: float = 0.1
-
-
-@dataclass
-class DataConfig:
-    datasets: list[DatasetSource] = field(default_factory=list)
-    views: Literal["milnce", "gdt", "selflabel", "eval"] = "milnce"
-    mode: Literal["resampled", "exact"] = "resampled"
-    batch_size: int = 8  # per rank
-    num_workers: int = 2
-    epoch_samples: int | None = None  # None: the datasets' sample count (dataset.json)
-    shuffle_buffer: int = 256
-    decoder: Literal["decord", "pyav"] = "decord"
-    num_frames: int | None = None  # None: from the model's VideoInput
-    size: int | None = None
-    fps: float | None = None
-    audio: AudioConfig = field(default_factory=AudioConfig)
-    text: TextConfig = field(default_factory=TextConfig)
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-    gdt_shift_seconds: float = 0.5  # minimum start gap of GDT's shifted view
-    eval_windows: int = 1  # eval views: N uniformly spaced windows; 0 = num_frames over the whole clip
-    require_audio: bool = False  # drop (and count) samples without audio instead of zero-filling
-    labels: list[str] | None = None  # None: scan the shards' json members for label strings
-    with_meta: bool = False  # eval views: add `meta` (list of dicts: idx, id, label, captions)
-    max_consecutive_rejects: int = 200  # fail loudly when a stream rejects this many samples in a row
-    worker_start: Literal["fork", "forkserver", "spawn"] = "fork"
-    worker_timeout_s: float = 600.0
-
-    def __post_init__(self):
-        if self.views not in VIEWS:
-            raise ValueError(f"views={self.views!r} is not one of {VIEWS}")
-        if self.batch_size < 1 or self.num_workers < 0 or self.shuffle_buffer < 0:
-            raise ValueError(
-                f"batch_size={self.batch_size}, num_workers={self.num_workers}, shuffle_buffer="
-                f"{self.shuffle_buffer}: need batch_size >= 1 and the others >= 0"
-            )
-        lo, hi = self.augment.crop_scale
-        if not 0 < lo <= hi <= 1:
-            raise ValueError(f"augment.crop_scale={self.augment.crop_scale} must satisfy 0 < lo <= hi <= 1")
-        if self.views == "milnce" and not self.text.enabled:
-            raise ValueError("views='milnce' needs text.enabled=true (MIL-NCE pairs clips with captions)")
-        if self.eval_windows < 0 or self.text.num_captions < 1 or self.max_consecutive_rejects < 1:
-            raise ValueError(
-                f"eval_windows={self.eval_windows}, text.num_captions={self.text.num_captions}, "
-                f"max_consecutive_rejects={self.max_consecutive_rejects} out of range"
-            )
-
-
-def resolve_inputs(
-    data_cfg: DataConfig, *, video: VideoInput | None, audio: AudioInput | None, text: TextInput | None
-) -> DataConfig:
-    """Fill every None clip/audio/text setting from the model's input contracts (explicit values win)."""
-    cfg = data_cfg
-    if video is not None:
-        cfg = dataclasses.replace(
-            cfg,
-            num_frames=cfg.num_frames or video.num_frames,
-            size=cfg.size or video.size,
-            fps=cfg.fps or video.fps,
-        )
-    if audio is not None:
-        a = cfg.audio
-        cfg = dataclasses.replace(
-            cfg,
-            audio=dataclasses.replace(
-                a,
-                sample_rate=a.sample_rate or audio.sample_rate,
-                num_mel_bins=a.num_mel_bins or audio.num_mel_bins,
-                seconds=a.seconds or audio.seconds,
-                win_ms=a.win_ms or audio.win_length_ms,
-                hop_ms=a.hop_ms or audio.hop_length_ms,
-            ),
-        )
-    if text is not None:
-        cfg = dataclasses.replace(
-            cfg, text=dataclasses.replace(cfg.text, max_tokens=cfg.text.max_tokens or text.max_tokens)
-        )
-    return cfg
 
 
 @dataclass(frozen=True)
@@ -165,21 +53,37 @@ class Shard:
     dataset: int
 
 
-def make_train_loader(data_cfg: DataConfig, *, rank: int, world_size: int, seed: int) -> Loader:
-    """The training loader of this rank (mode and views from `data_cfg`)."""
-    return _make_loader(data_cfg, rank=rank, world_size=world_size, seed=seed, train=True)
+def make_train_loader(
+    data_cfg: DataConfig, *, rank: int, world_size: int, seed: int, device: str | torch.device = "cpu"
+) -> Loader:
+    """The training loader of this rank (mode and views from `data_cfg`) for a model on `device`.
+
+    Batches leave it with uint8 crop boxes and augmentation parameters; `Loader.to_device` copies them to
+    `device` and runs the batched augmentation there, unless `augment.where` put it in the workers.
+    """
+    return _make_loader(data_cfg, rank=rank, world_size=world_size, seed=seed, train=True, device=device)
 
 
 def make_eval_loader(data_cfg: DataConfig, *, rank: int = 0, world_size: int = 1) -> Loader:
-    """A deterministic exact-epoch loader with eval views (N windows, centre crop, all captions)."""
+    """A deterministic exact-epoch loader with eval views (N windows, centre crop, all captions).
+
+    Its batches hold uint8 clips at the model's size: the model normalises them itself, no augmentation step.
+    """
     cfg = dataclasses.replace(data_cfg, views="eval", mode="exact", shuffle_buffer=0, epoch_samples=None)
-    return _make_loader(cfg, rank=rank, world_size=world_size, seed=0, train=False)
+    return _make_loader(cfg, rank=rank, world_size=world_size, seed=0, train=False, device="cpu")
 
 
-def _make_loader(cfg: DataConfig, *, rank: int, world_size: int, seed: int, train: bool) -> Loader:
+def augment_in_workers(cfg: DataConfig, device: str | torch.device) -> bool:
+    """Where the batched augmentation runs: `augment.where`, with `auto` = in the workers for a CPU model."""
+    where = cfg.augment.where
+    return where == "workers" or (where == "auto" and torch.device(device).type == "cpu")
+
+
+def _make_loader(cfg: DataConfig, *, rank: int, world_size: int, seed: int, train: bool, device) -> Loader:
     if not 0 <= rank < world_size:
         raise ValueError(f"rank={rank} is not in [0, world_size={world_size})")
-    _check_resolved(cfg)
+    check_resolved(cfg)
+    in_workers = augment_in_workers(cfg, device)
     shards = resolve_shards(cfg.datasets)
     labels = cfg.labels if cfg.labels is not None else scan_labels([s.url for s in shards])
     workers = max(cfg.num_workers, 1)
@@ -201,7 +105,9 @@ def _make_loader(cfg: DataConfig, *, rank: int, world_size: int, seed: int, trai
         ShuffleSamples(cfg.shuffle_buffer, state) if cfg.shuffle_buffer > 1 else None,
         wds.map(CheckSample(cfg, {name: i for i, name in enumerate(labels)}), handler=skips.reject),
         MakeViews(cfg, state, skips, _tokenizer_path(cfg)),
-        BatchSamples(cfg.batch_size, state, skips, full_batches_only=resampled),
+        BatchSamples(
+            cfg.batch_size, state, skips, full_batches_only=resampled, augment_cfg=cfg if in_workers else None
+        ),
     ]
     num_batches = _num_batches(cfg, shards, rank, world_size, seed=seed, train=train)
     if isinstance(num_batches, int):
@@ -216,7 +122,7 @@ def _make_loader(cfg: DataConfig, *, rank: int, world_size: int, seed: int, trai
         num_batches if isinstance(num_batches, int) else num_batches(state.epoch),
         cfg.batch_size,
     )
-    return Loader(wds.DataPipeline(*stages), cfg, state, num_batches)
+    return Loader(wds.DataPipeline(*stages), cfg, state, num_batches, device=torch.device(device))
 
 
 class Loader:
@@ -224,11 +130,12 @@ class Loader:
 
     Iterating runs the rest of the current epoch, then advances `epoch`. Skipped samples travel from the
     workers inside batches (`_skipped`, a dict of deltas, removed before the batch is yielded) and add up
-    in `skipped`.
+    in `skipped`. `to_device(batch)` turns a batch into the model's input on the loader's device.
     """
 
-    def __init__(self, dataset: wds.DataPipeline, cfg: DataConfig, state: EpochState, num_batches):
+    def __init__(self, dataset: wds.DataPipeline, cfg: DataConfig, state: EpochState, num_batches, device):
         self.dataset, self.cfg, self.state, self._num_batches = dataset, cfg, state, num_batches
+        self.device = device
         self.skipped: dict[str, int] = {}
         self.samples_seen = 0
         self._stream = None
@@ -313,6 +220,16 @@ class Loader:
                 raise
             yield batch  # the consumer counts it (an item with only `_skipped` is not a batch)
 
+    def to_device(self, batch: dict) -> dict:
+        """Copy the batch's tensors to the loader's device (asynchronously from pinned memory on an accelerator)
+        and apply the batched augmentation there, unless the workers already did; `meta` stays a list."""
+        dev = self.device
+        moved = {
+            k: v.to(dev, non_blocking=True) if torch.is_tensor(v) and not k.endswith("_aug") else v
+            for k, v in batch.items()
+        }
+        return augment_batch(moved, self.cfg)
+
     def close(self) -> None:
         """Stop the worker processes that stream across epochs (resampled mode); iterating again restarts them."""
         self._stream = None  # the iterator's finaliser stops and joins its workers
@@ -326,27 +243,8 @@ class Loader:
             multiprocessing_context=self.cfg.worker_start if workers else None,
             timeout=self.cfg.worker_timeout_s if workers else 0,
             persistent_workers=persistent,
+            pin_memory=self.device.type == "cuda",
         )
-
-
-class EpochStream(torch.utils.data.IterableDataset):
-    """Epoch after epoch of a resampled pipeline in one worker iteration, so workers start once per run.
-
-    A resampled epoch is a fixed number of batches per worker, so the stream needs no end: each worker
-    runs its share of epoch e, then advances its own copy of the state to epoch e + 1 (seeding the next
-    epoch exactly as a fresh iteration would) and goes on, prefetching across the boundary. Restarting
-    workers every epoch costs about a batch of decoding per epoch, which matters when epochs are short.
-    """
-
-    def __init__(self, pipeline: wds.DataPipeline, state: EpochState):
-        self.pipeline, self.state = pipeline, state
-
-    def __iter__(self):
-        if torch.utils.data.get_worker_info() is None:
-            raise RuntimeError("EpochStream runs inside DataLoader workers (it advances their copy of the state)")
-        while True:
-            yield from self.pipeline
-            self.state.epoch, self.state.resume_at = self.state.epoch + 1, 0
 
 
 def resolve_shards(datasets: list[DatasetSource]) -> list[Shard]:
@@ -427,18 +325,6 @@ def _num_batches(cfg: DataConfig, shards: list[Shard], rank: int, world_size: in
         raise ValueError("some shards have no sample count (no dataset.json next to them): set data.epoch_samples")
     per_rank = math.ceil(epoch / (cfg.batch_size * world_size))
     return math.ceil(per_rank / workers) * workers
-
-
-def _check_resolved(cfg: DataConfig) -> None:
-    unset = [n for n in ("num_frames", "size", "fps") if getattr(cfg, n) is None]
-    if cfg.audio.enabled:
-        unset += [f"audio.{f.name}" for f in dataclasses.fields(cfg.audio) if getattr(cfg.audio, f.name) is None]
-    if cfg.text.enabled and cfg.text.max_tokens is None:
-        unset.append("text.max_tokens")
-    if unset:
-        raise ValueError(
-            f"data settings {unset} are unset: give them or call resolve_inputs() with the model contracts"
-        )
 
 
 def _tokenizer_path(cfg: DataConfig) -> str | None:

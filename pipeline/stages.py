@@ -1,4 +1,5 @@
-"""The loader's stages: shard sources, rank/worker split, shuffling, skip counting, views, batching.
+"""The loader's stages: shard sources, rank/worker split, shuffling, sample checks, skip counting, views,
+batching, and the stream that carries workers across epochs.
 
 Module-level classes so the pipeline pickles under any DataLoader worker start method; `pipeline/data.py`
 assembles them into a `wds.DataPipeline`.
@@ -7,17 +8,18 @@ assembles them into a `wds.DataPipeline`.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 from dataclasses import dataclass
 from itertools import islice
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-if TYPE_CHECKING:
-    from pipeline.data import DataConfig
-from pipeline.views import SampleRejected, sample_views
+from pipeline.augment import augment_batch
+from pipeline.data_config import DataConfig
+from pipeline.video import VideoWindow
+from pipeline.views import SampleRejected, captions, sample_views
 
 log = logging.getLogger(__name__)
 
@@ -159,8 +161,52 @@ class SkipCounter:
         return out
 
 
+class CheckSample:
+    """Raw tar sample -> checked sample (parsed json, idx, label id, has_audio), or `SampleRejected`.
+
+    Cheap checks run here, before anything is decoded: missing members, bad json, missing audio when
+    required, no captions when the views need them.
+    """
+
+    def __init__(self, cfg: DataConfig, label_index: dict[str, int]):
+        self.cfg, self.label_index = cfg, label_index
+
+    def __call__(self, raw: dict) -> dict:
+        key = raw.get("__key__", "?")
+        if "json" not in raw:
+            raise SampleRejected("missing_json", key)
+        try:
+            meta = json.loads(raw["json"])
+        except (ValueError, UnicodeDecodeError) as e:
+            raise SampleRejected("bad_json", f"{key}: {e}") from e
+        if not isinstance(meta, dict) or not isinstance(meta.get("idx"), int):
+            raise SampleRejected("bad_json", f"{key}: no integer idx")
+        if "mp4" not in raw:
+            raise SampleRejected("missing_video", key)
+        audio = raw.get("flac", raw.get("wav"))
+        if audio is None and self.cfg.audio.enabled and self.cfg.require_audio:
+            raise SampleRejected("missing_audio", key)
+        if self.cfg.views == "milnce":
+            captions({"meta": meta})
+        return {
+            "key": key,
+            "video": raw["mp4"],
+            "audio": audio if self.cfg.audio.enabled else None,
+            "meta": meta,
+            "idx": meta["idx"],
+            "label": self.label_index.get(meta.get("label"), -1),
+            "has_audio": audio is not None,
+        }
+
+
 class MakeViews:
-    """Checked sample -> tensors of one batch row, with a per-sample RNG from (seed, epoch, rank, worker, n)."""
+    """Checked sample -> one batch row, with a per-sample RNG.
+
+    Exact mode seeds it from (seed, epoch, rank, sample idx): each sample appears once per epoch, and its views
+    do not depend on which worker decodes it, so batches are the same for any worker count when shards hold
+    whole batches. Resampled mode may draw a sample twice in an epoch and seeds from (seed, epoch, resume point,
+    rank, worker, n) so repeats get fresh views.
+    """
 
     def __init__(self, cfg: DataConfig, state: EpochState, skips: SkipCounter, tokenizer_path: str | None):
         self.cfg, self.state, self.skips, self.tokenizer_path = cfg, state, skips, tokenizer_path
@@ -171,18 +217,39 @@ class MakeViews:
             from data_prep.tokenizer import load_tokenizer
 
             tokenizer = load_tokenizer(self.tokenizer_path)
+        s = self.state
         for n, sample in enumerate(src):
+            if self.cfg.mode == "exact":
+                rng = np.random.default_rng([s.seed, s.epoch, s.rank, 2, sample["idx"]])
+            else:
+                rng = _rng(s, 2, n)
             try:
-                yield sample_views(sample, self.cfg, _rng(self.state, 2, n), tokenizer)
+                yield sample_views(sample, self.cfg, rng, tokenizer)
             except Exception as e:
                 self.skips.reject(e)
 
 
 class BatchSamples:
-    """Collate rows into batches; in resampled mode stop after this worker's share of `num_batches`."""
+    """Collate rows into batches; in resampled mode stop after this worker's share of `num_batches`.
 
-    def __init__(self, batch_size: int, state: EpochState, skips: SkipCounter, full_batches_only: bool):
+    With `augment_cfg` (augmentation placed in the workers) each batch also goes through the batched
+    augmentation step before it leaves the worker.
+    """
+
+    def __init__(
+        self,
+        batch_size: int,
+        state: EpochState,
+        skips: SkipCounter,
+        full_batches_only: bool,
+        augment_cfg: DataConfig | None = None,
+    ):
         self.batch_size, self.state, self.skips, self.full_only = batch_size, state, skips, full_batches_only
+        self.augment_cfg = augment_cfg
+
+    def _collate(self, rows: list[dict]) -> dict:
+        batch = collate_rows(rows, self.skips.take())
+        return augment_batch(batch, self.augment_cfg) if self.augment_cfg is not None else batch
 
     def __call__(self, src):
         worker, num_workers = _worker_info()
@@ -194,24 +261,32 @@ class BatchSamples:
             self.skips.accept()
             rows.append(row)
             if len(rows) == self.batch_size:
-                yield collate_rows(rows, self.skips.take())
+                yield self._collate(rows)
                 rows, made = [], made + 1
                 if made == limit:
                     break
         if rows and not self.full_only:
-            yield collate_rows(rows, self.skips.take())
+            yield self._collate(rows)
         pending = self.skips.take()
         if pending:
             yield {"_skipped": pending}
 
 
 def collate_rows(rows: list[dict], skipped: dict[str, int]) -> dict:
-    """Stack rows into a batch; caption rows (`text`, `text_mask`) are padded to the longest K in the batch."""
+    """Stack rows into a batch; caption rows (`text`, `text_mask`) are padded to the longest K in the batch.
+
+    `video` windows are copied once into a uint8 `(B, V, T, H, W, 3)` buffer (each at the top-left of its slot,
+    the slot as large as the batch's largest window, the rest zero) and handed over as the `(B, V, C, T, H, W)`
+    view of it: channels last in memory, as decoders produce frames. Inside a DataLoader worker the buffer is
+    allocated in shared memory, so passing it to the main process copies nothing.
+    """
     batch: dict = {}
     for key in rows[0]:
         values = [r[key] for r in rows]
         if key == "meta":
             batch[key] = values
+        elif key == "video":
+            batch[key] = _collate_windows(values)
         elif key in ("text", "text_mask"):
             k = max(v.shape[0] for v in values)
             batch[key] = torch.stack([torch.cat([v, v.new_zeros(k - v.shape[0], *v.shape[1:])]) for v in values])
@@ -220,3 +295,40 @@ def collate_rows(rows: list[dict], skipped: dict[str, int]) -> dict:
     if skipped:
         batch["_skipped"] = skipped
     return batch
+
+
+def _collate_windows(rows: list[list[VideoWindow]]) -> torch.Tensor:
+    first = rows[0][0]
+    frames, device = first.clip.num_frames, first.clip.frames.device
+    height = max(w.height for row in rows for w in row)
+    width = max(w.width for row in rows for w in row)
+    shape = (len(rows), len(rows[0]), frames, height, width, 3)
+    if torch.utils.data.get_worker_info() is not None and device.type == "cpu":
+        numel = int(np.prod(shape))
+        out = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(numel)).view(shape)
+    else:
+        out = torch.empty(shape, dtype=torch.uint8, device=device)
+    for b, row in enumerate(rows):
+        for v, window in enumerate(row):
+            window.write_into(out[b, v])
+    return out.permute(0, 1, 5, 2, 3, 4)  # (B, V, C, T, H, W)
+
+
+class EpochStream(torch.utils.data.IterableDataset):
+    """Epoch after epoch of a resampled pipeline in one worker iteration, so workers start once per run.
+
+    A resampled epoch is a fixed number of batches per worker, so the stream needs no end: each worker
+    runs its share of epoch e, then advances its own copy of the state to epoch e + 1 (seeding the next
+    epoch exactly as a fresh iteration would) and goes on, prefetching across the boundary. Restarting
+    workers every epoch costs about a batch of decoding per epoch, which matters when epochs are short.
+    """
+
+    def __init__(self, pipeline, state: EpochState):
+        self.pipeline, self.state = pipeline, state
+
+    def __iter__(self):
+        if torch.utils.data.get_worker_info() is None:
+            raise RuntimeError("EpochStream runs inside DataLoader workers (it advances their copy of the state)")
+        while True:
+            yield from self.pipeline
+            self.state.epoch, self.state.resume_at = self.state.epoch + 1, 0

@@ -33,7 +33,8 @@ from pipeline.checkpoint import (
     save_checkpoint,
 )
 from pipeline.config import dump_yaml, to_dict
-from pipeline.data import DataConfig, DatasetSource, make_eval_loader, make_train_loader, resolve_inputs, resolve_shards
+from pipeline.data import make_eval_loader, make_train_loader, resolve_shards
+from pipeline.data_config import DataConfig, DatasetSource, resolve_inputs
 from pipeline.engine import build_engine, grad_norm, init_distributed, launch_env, micro_batch_size, resume_schedule
 from pipeline.losses import Objective, build_objective
 from pipeline.train_config import TrainConfig
@@ -70,7 +71,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
                               text=contracts.get("text"))  # fmt: skip
     data_cfg = dataclasses.replace(data_cfg, batch_size=micro_batch_size(cfg.run.batch_size, world_size,
                                                                          cfg.run.grad_accum))  # fmt: skip
-    loader = make_train_loader(data_cfg, rank=rank, world_size=world_size, seed=cfg.run.seed)
+    loader = make_train_loader(data_cfg, rank=rank, world_size=world_size, seed=cfg.run.seed, device=device)
     objective = build_objective(cfg.loss, num_samples=num_samples).to(device)
     assert not list(objective.parameters()), "objectives hold buffers only; parameters belong to the model"
 
@@ -107,7 +108,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
                 stats = relabel_pass(engine, objective, data_cfg, rank=rank, world_size=world_size, seed=cfg.run.seed)
                 metrics_out.write(step, {f"selflabel/{k}": v for k, v in stats.items()})
             t0 = time.perf_counter()
-            batch = next(batches)
+            batch = loader.to_device(next(batches))  # the copy and the batched augmentation count as data time
             t_data = time.perf_counter() - t0
             if trace is not None:
                 trace.write(json.dumps({"step": step, "idx": batch["idx"].tolist()}) + "\n")
@@ -231,10 +232,11 @@ def relabel_pass(engine: Any, objective: Objective, data_cfg: DataConfig, *, ran
     stats: dict[str, float] = {}
     for g, heads in enumerate(sl.head_groups()):
         pass_cfg = dataclasses.replace(data_cfg, mode="exact", shuffle_buffer=0)
-        loader = make_train_loader(pass_cfg, rank=rank, world_size=world_size, seed=seed + 7919 * (1 + g))
+        pass_seed = seed + 7919 * (1 + g)
+        loader = make_train_loader(pass_cfg, rank=rank, world_size=world_size, seed=pass_seed, device=engine.device)
         video, audio, idx, has = [], [], [], []
         for batch in tqdm(loader, desc=f"relabel {g}", unit="batch", disable=rank != 0, leave=False):
-            batch = {k: v.to(engine.device) for k, v in batch.items() if torch.is_tensor(v)}
+            batch = {k: v for k, v in loader.to_device(batch).items() if torch.is_tensor(v)}
             v, a = sl.relabel_inputs(engine(batch))  # (B, H, K) log-probs each
             video.append(v[:, heads])
             audio.append(a[:, heads] if a is not None else None)

@@ -13,7 +13,7 @@ from typing import Literal
 
 from models.towers import ModelConfig
 from pipeline.config import ConfigError, apply_overrides, from_dict, load_yaml
-from pipeline.data import DataConfig
+from pipeline.data_config import DataConfig
 from pipeline.losses import LossConfig
 
 

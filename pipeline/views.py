@@ -1,14 +1,16 @@
-"""Views: turn one checked sample into the tensors of one batch row, one sampler per objective.
+"""Views: pure per-sample functions that turn one checked sample into one batch row, one sampler per objective.
 
 A checked sample is `{"key", "video": mp4 bytes, "audio": flac/wav bytes | None, "meta": json dict, "idx",
-"label", "has_audio"}`. Each sampler returns `video (V, C, T, H, W)` uint8 and, when enabled,
-`audio (V, 1, F, Ta)`, `text (K, L)` + `text_mask`, plus `idx`, `label`, `has_audio` — the batch contract
-of DESIGN.md without the batch axis. All randomness comes from the `rng` argument.
+"label", "has_audio"}` (`pipeline.stages.CheckSample`). A row holds what a worker must produce and nothing
+more: `video`, a list of V `VideoWindow`s (the decoded frames of each view's crop box, not yet copied), and for
+training views `video_aug (V, 6)` with the parameters the batched augmentation step applies
+(`pipeline.augment`); when enabled `audio (V, 1, F, Ta)` log-mels (+ `audio_aug (V, 5)`), `text (K, L)` +
+`text_mask`; and `idx`, `label`, `has_audio`. `pipeline.stages.collate_rows` turns rows into the batch of
+DESIGN.md. All randomness comes from the `rng` argument.
 """
 
 from __future__ import annotations
 
-import json
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -16,12 +18,12 @@ import torch
 
 from data_prep.tokenizer import PAD_ID
 from pipeline import audio as A
+from pipeline import augment as Aug
 from pipeline import video as Vd
+from pipeline.data_config import mel_frames
 
 if TYPE_CHECKING:
-    from pipeline.data import DataConfig
-
-VIEWS = ("milnce", "gdt", "selflabel", "eval")
+    from pipeline.data_config import DataConfig
 
 
 class SampleRejected(Exception):
@@ -30,44 +32,6 @@ class SampleRejected(Exception):
     def __init__(self, reason: str, detail: str = ""):
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
-
-
-class CheckSample:
-    """Raw tar sample -> checked sample (parsed json, idx, label id, has_audio), or `SampleRejected`.
-
-    Cheap checks run here, before anything is decoded: missing members, bad json, missing audio when
-    required, no captions when the views need them.
-    """
-
-    def __init__(self, cfg: DataConfig, label_index: dict[str, int]):
-        self.cfg, self.label_index = cfg, label_index
-
-    def __call__(self, raw: dict) -> dict:
-        key = raw.get("__key__", "?")
-        if "json" not in raw:
-            raise SampleRejected("missing_json", key)
-        try:
-            meta = json.loads(raw["json"])
-        except (ValueError, UnicodeDecodeError) as e:
-            raise SampleRejected("bad_json", f"{key}: {e}") from e
-        if not isinstance(meta, dict) or not isinstance(meta.get("idx"), int):
-            raise SampleRejected("bad_json", f"{key}: no integer idx")
-        if "mp4" not in raw:
-            raise SampleRejected("missing_video", key)
-        audio = raw.get("flac", raw.get("wav"))
-        if audio is None and self.cfg.audio.enabled and self.cfg.require_audio:
-            raise SampleRejected("missing_audio", key)
-        if self.cfg.views == "milnce":
-            _captions({"meta": meta})
-        return {
-            "key": key,
-            "video": raw["mp4"],
-            "audio": audio if self.cfg.audio.enabled else None,
-            "meta": meta,
-            "idx": meta["idx"],
-            "label": self.label_index.get(meta.get("label"), -1),
-            "has_audio": audio is not None,
-        }
 
 
 def sample_views(sample: dict, cfg: DataConfig, rng: np.random.Generator, tokenizer: Any) -> dict:
@@ -79,15 +43,15 @@ def sample_views(sample: dict, cfg: DataConfig, rng: np.random.Generator, tokeni
 def sample_milnce(sample: dict, cfg: DataConfig, rng: np.random.Generator, tokenizer: Any) -> dict:
     """One clip around a random anchor caption plus the K captions nearest to it (HowTo100M loader)."""
     video, duration = _open(sample, cfg)
-    caps = _captions(sample)
+    caps = captions(sample)
     anchor = int(rng.integers(len(caps)))
     lo, hi = _padded_span(caps[anchor], _clip_seconds(cfg))
     start = float(rng.uniform(lo, max(lo, hi - _clip_seconds(cfg))))
     start = _clamp_start(start, duration, cfg)
     out = _common(sample)
-    out["video"] = _video_view(video, start, cfg, rng, train=True).unsqueeze(0)
+    out.update(_video_views([_decode(video, start, cfg)], cfg, rng))
     if cfg.audio.enabled:
-        out["audio"] = _audio_view(sample, start, cfg, rng, train=True).unsqueeze(0)
+        out.update(_audio_views(sample, [start], cfg, rng))
     out.update(
         _tokenize([caps[i]["text"] for i in nearest_captions(caps, anchor, cfg.text.num_captions)], cfg, tokenizer)
     )
@@ -97,25 +61,27 @@ def sample_milnce(sample: dict, cfg: DataConfig, rng: np.random.Generator, token
 def sample_gdt(sample: dict, cfg: DataConfig, rng: np.random.Generator, tokenizer: Any) -> dict:
     """Four views in the order base, reversed, shifted, shifted+reversed, each with its aligned audio.
 
-    Audio augmentation runs once per start time, before reversal, so a reversed spectrogram is exactly the
-    time-flip of its forward one; video augmentation is drawn independently for each view (as GDT).
+    Video augmentation is drawn independently for each view (as GDT). Audio augmentation is drawn once per
+    start time, and the reversed view gets its mirror, so a reversed spectrogram is exactly the time-flip of
+    its forward one.
     """
     video, duration = _open(sample, cfg)
     t_base, t_shift = gdt_starts(duration, _clip_seconds(cfg), cfg.gdt_shift_seconds, rng)
-    waves = _audio_windows(sample, [t_base, t_shift], cfg) if cfg.audio.enabled else [None, None]
-    frames, specs = [], []
-    for start, wav in zip((t_base, t_shift), waves):
-        clip = Vd.decode_clip(video, start, cfg.num_frames, cfg.fps)
-        forward = _augment(clip, cfg, rng, train=True)
-        backward = _augment(clip, cfg, rng, train=True).flip(1)  # time axis of (C, T, H, W)
-        frames += [forward, backward]
-        if cfg.audio.enabled:
-            spec = _audio_spec(wav, cfg, rng, train=True)
-            specs += [spec, spec.flip(-1)]
+    clips = []
+    for start in (t_base, t_shift):
+        clip = _decode(video, start, cfg)
+        clips += [clip, clip.reversed()]
     out = _common(sample)
-    out["video"] = torch.stack(frames)  # (4, C, T, H, W)
+    out.update(_video_views(clips, cfg, rng))
     if cfg.audio.enabled:
-        out["audio"] = torch.stack(specs)  # (4, 1, F, Ta)
+        audio = _audio_views(sample, [t_base, t_shift], cfg, rng)  # (2, 1, F, Ta), (2, 5)
+        frames = audio["audio"].shape[-1]
+        out["audio"] = torch.stack(
+            [audio["audio"][0], audio["audio"][0].flip(-1), audio["audio"][1], audio["audio"][1].flip(-1)]
+        )
+        rows = audio["audio_aug"].numpy()
+        mirrored = [rows[0], Aug.mirror_audio_view(rows[0], frames), rows[1], Aug.mirror_audio_view(rows[1], frames)]
+        out["audio_aug"] = torch.from_numpy(np.stack(mirrored))  # (4, 5)
     if cfg.text.enabled:
         out.update(_captions_near_clip(sample, t_base, cfg, tokenizer))
     return out
@@ -126,9 +92,9 @@ def sample_selflabel(sample: dict, cfg: DataConfig, rng: np.random.Generator, to
     video, duration = _open(sample, cfg)
     start = float(rng.uniform(0, max(duration - _clip_seconds(cfg), 0)))
     out = _common(sample)
-    out["video"] = _video_view(video, start, cfg, rng, train=True).unsqueeze(0)
+    out.update(_video_views([_decode(video, start, cfg)], cfg, rng))
     if cfg.audio.enabled:
-        out["audio"] = _audio_view(sample, start, cfg, rng, train=True).unsqueeze(0)
+        out.update(_audio_views(sample, [start], cfg, rng))
     if cfg.text.enabled:
         out.update(_captions_near_clip(sample, start, cfg, tokenizer))
     return out
@@ -146,14 +112,23 @@ def eval_window_starts(duration: float, clip_seconds: float, windows: int) -> li
 def sample_eval(sample: dict, cfg: DataConfig, rng: np.random.Generator, tokenizer: Any) -> dict:
     """N uniformly spaced windows (or, with N=0, num_frames spread over the whole clip), centre crop.
 
-    Deterministic: `rng` is not used. Text is every caption of the sample (Kmax rows, padded per batch).
+    Deterministic: `rng` is not used. Frames are decoded straight at the model's size where the sample's json
+    gives the stored frame size (the decoder scales them), so the worker only cuts the centre square and no
+    augmentation step follows. Text is every caption of the sample (Kmax rows, padded per batch).
     """
-    video, duration = _open(sample, cfg)
+    size = _scaled_size(sample["meta"], cfg.size)
+    video, duration = _open(sample, cfg, size=size)
     starts = eval_window_starts(duration, _clip_seconds(cfg), cfg.eval_windows)
     fps = cfg.num_frames / max(duration, 1e-6) if cfg.eval_windows == 0 else cfg.fps
-    windows = [Vd.decode_clip(video, s, cfg.num_frames, fps) for s in starts]
     out = _common(sample)
-    out["video"] = torch.stack([Vd.center_crop(w, cfg.size) for w in windows])  # (N, C, T, H, W)
+    windows = []
+    for start in starts:
+        clip = _decode(video, start, cfg, fps=fps)
+        if size is None:  # frame size unknown before decoding: crop, then resize in uint8
+            clip = Vd.Clip(Vd.center_clip(clip, cfg.size).permute(1, 2, 3, 0), torch.arange(cfg.num_frames))
+        h, w = clip.frames.shape[1:3]
+        windows.append(Vd.VideoWindow(clip, *Vd.center_box(h, w, cfg.size), cfg.size, cfg.size))
+    out["video"] = windows
     if cfg.audio.enabled:
         out["audio"] = _audio_eval(sample, starts, cfg)  # (N, 1, F, Ta)
     caps = [c["text"] for c in sample["meta"].get("captions") or [] if c.get("text", "").strip()]
@@ -205,6 +180,14 @@ def nearest_captions(captions: list[dict], anchor: int, k: int) -> list[int]:
     return list(range(lo, hi + 1))
 
 
+def captions(sample: dict) -> list[dict]:
+    """The sample's non-empty captions; `SampleRejected("no_captions")` when there are none."""
+    caps = [c for c in sample["meta"].get("captions") or [] if str(c.get("text", "")).strip()]
+    if not caps:
+        raise SampleRejected("no_captions")
+    return caps
+
+
 def _padded_span(caption: dict, min_seconds: float) -> tuple[float, float]:
     """The anchor caption's span, padded symmetrically to at least `min_seconds` (no int() cast as upstream)."""
     start, end = float(caption["start"]), float(caption["end"])
@@ -222,9 +205,17 @@ def _clamp_start(start: float, duration: float, cfg: DataConfig) -> float:
     return min(max(start, 0.0), max(duration - _clip_seconds(cfg), 0.0))
 
 
-def _open(sample: dict, cfg: DataConfig) -> tuple[Vd.VideoSource, float]:
+def _scaled_size(meta: dict, short_side: int) -> tuple[int, int] | None:
+    """The decoder's output size for an eval view (short side = the model's size), from the json's frame size."""
+    h, w = meta.get("height"), meta.get("width")
+    if not (isinstance(h, int) and isinstance(w, int) and h > 0 and w > 0):
+        return None
+    return Vd.short_side_size(h, w, short_side)
+
+
+def _open(sample: dict, cfg: DataConfig, size: tuple[int, int] | None = None) -> tuple[Vd.VideoSource, float]:
     try:
-        video = Vd.open_video(sample["video"], cfg.decoder)
+        video = Vd.open_video(sample["video"], cfg.decoder, size=size)
     except Exception as e:
         raise SampleRejected("video_decode", f"{type(e).__name__}: {e}") from e
     if video.num_frames <= 0 or video.fps <= 0:
@@ -232,11 +223,11 @@ def _open(sample: dict, cfg: DataConfig) -> tuple[Vd.VideoSource, float]:
     return video, video.num_frames / video.fps
 
 
-def _captions(sample: dict) -> list[dict]:
-    caps = [c for c in sample["meta"].get("captions") or [] if str(c.get("text", "")).strip()]
-    if not caps:
-        raise SampleRejected("no_captions")
-    return caps
+def _decode(video: Vd.VideoSource, start: float, cfg: DataConfig, fps: float | None = None) -> Vd.Clip:
+    try:
+        return Vd.decode_clip(video, start, cfg.num_frames, fps or cfg.fps)
+    except Exception as e:
+        raise SampleRejected("video_decode", f"{type(e).__name__}: {e}") from e
 
 
 def _common(sample: dict) -> dict:
@@ -247,30 +238,36 @@ def _common(sample: dict) -> dict:
     }
 
 
-def _augment(clip: torch.Tensor, cfg: DataConfig, rng: np.random.Generator, train: bool) -> torch.Tensor:
-    if not (train and cfg.augment.enabled):
-        return Vd.center_crop(clip, cfg.size)
-    aug = cfg.augment
-    return Vd.augment_clip(clip, cfg.size, rng, scale=aug.crop_scale, flip=aug.flip, jitter=aug.color_jitter)
+def _video_views(clips: list[Vd.Clip], cfg: DataConfig, rng: np.random.Generator) -> dict:
+    """Each clip's crop box (a `VideoWindow`) and augmentation parameters `video_aug (V, 6)`."""
+    windows, params = [], []
+    for clip in clips:
+        h, w = clip.frames.shape[1:3]
+        (top, left, bh, bw), row = Aug.draw_video_view(h, w, cfg.augment, rng)
+        windows.append(Vd.VideoWindow(clip, top, left, bh, bw))
+        params.append(row)
+    return {"video": windows, "video_aug": torch.from_numpy(np.stack(params))}
 
 
-def _video_view(video: Vd.VideoSource, start: float, cfg: DataConfig, rng: np.random.Generator, train: bool):
-    try:
-        clip = Vd.decode_clip(video, start, cfg.num_frames, cfg.fps)
-    except Exception as e:
-        raise SampleRejected("video_decode", f"{type(e).__name__}: {e}") from e
-    return _augment(clip, cfg, rng, train)
-
-
-def _audio_view(sample: dict, start: float, cfg: DataConfig, rng: np.random.Generator, train: bool) -> torch.Tensor:
-    return _audio_spec(_audio_windows(sample, [start], cfg)[0], cfg, rng, train)
-
-
-def _audio_windows(sample: dict, starts: list[float], cfg: DataConfig) -> list[np.ndarray | None]:
-    """The waveform of each window at the configured rate (one decode pass); None for a silent sample."""
+def _audio_views(sample: dict, starts: list[float], cfg: DataConfig, rng: np.random.Generator) -> dict:
+    """Un-augmented log-mels `(W, 1, F, Ta)` of the windows at `starts` and their drawn `audio_aug (W, 5)`;
+    zeros and identity parameters for a silent sample."""
     ac = cfg.audio
+    frames = mel_frames(cfg)
     if sample["audio"] is None:
-        return [None] * len(starts)
+        spec = A.silent_log_mel(ac.num_mel_bins, frames).expand(len(starts), -1, -1, -1).clone()
+        params = [Aug.draw_audio_view(ac.num_mel_bins, frames, cfg.augment, None) for _ in starts]
+    else:
+        spec = A.log_mel(
+            np.stack(_audio_windows(sample, starts, cfg)), ac.sample_rate, ac.num_mel_bins, ac.win_ms, ac.hop_ms
+        )
+        params = [Aug.draw_audio_view(ac.num_mel_bins, frames, cfg.augment, rng) for _ in starts]
+    return {"audio": spec, "audio_aug": torch.from_numpy(np.stack(params))}
+
+
+def _audio_windows(sample: dict, starts: list[float], cfg: DataConfig) -> list[np.ndarray]:
+    """The waveform of each window at the configured rate (one decode pass)."""
+    ac = cfg.audio
     try:
         waves, sr = A.read_windows(sample["audio"], starts, ac.seconds)  # (W, n)
     except Exception as e:
@@ -278,32 +275,9 @@ def _audio_windows(sample: dict, starts: list[float], cfg: DataConfig) -> list[n
     return [A.resample(wav, sr, ac.sample_rate) for wav in waves]
 
 
-def _audio_spec(wav: np.ndarray | None, cfg: DataConfig, rng: np.random.Generator, train: bool) -> torch.Tensor:
-    """Volume jitter, log-mel and SpecAugment of one window `(1, F, Ta)`; zeros for a silent sample."""
-    ac = cfg.audio
-    if wav is None:
-        return A.silent_log_mel(ac.num_mel_bins, _mel_frames(cfg))
-    augment = train and cfg.augment.enabled
-    if augment:
-        wav = A.volume_jitter(wav, cfg.augment.volume_jitter, rng)
-    spec = A.log_mel(wav, ac.sample_rate, ac.num_mel_bins, ac.win_ms, ac.hop_ms)
-    if augment and cfg.augment.spec_augment:
-        spec = A.spec_augment(spec, rng)
-    return spec
-
-
 def _audio_eval(sample: dict, starts: list[float], cfg: DataConfig) -> torch.Tensor:
     """Un-augmented log-mels of all eval windows `(N, 1, F, Ta)`, computed as one batch."""
-    ac = cfg.audio
-    waves = _audio_windows(sample, starts, cfg)
-    if waves[0] is None:
-        return A.silent_log_mel(ac.num_mel_bins, _mel_frames(cfg)).expand(len(starts), -1, -1, -1).clone()
-    return A.log_mel(np.stack(waves), ac.sample_rate, ac.num_mel_bins, ac.win_ms, ac.hop_ms)
-
-
-def _mel_frames(cfg: DataConfig) -> int:
-    ac = cfg.audio
-    return round(ac.seconds * ac.sample_rate) // round(ac.sample_rate * ac.hop_ms / 1000) + 1
+    return _audio_views(sample, starts, cfg, None)["audio"]
 
 
 def _captions_near_clip(sample: dict, start: float, cfg: DataConfig, tokenizer: Any) -> dict:

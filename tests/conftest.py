@@ -71,7 +71,7 @@ def export_tiny_model(tiny_dataset, tmp_path_factory):
     from data_prep.tokenizer import load_tokenizer, train_tokenizer
     from launch.quickstart import calibrate_batchnorm
     from models.towers import ModelConfig, build_model, save_exported
-    from pipeline.data import DataConfig, DatasetSource
+    from pipeline.data_config import DataConfig, DatasetSource
 
     def export(name: str, **model_fields):
         root = tmp_path_factory.mktemp(name)

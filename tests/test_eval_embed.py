@@ -64,7 +64,8 @@ def test_caption_rows_follow_meta(single):
 
 
 def test_rows_equal_a_direct_forward_of_the_model(setup, single):
-    from pipeline.data import DataConfig, DatasetSource, make_eval_loader, resolve_inputs
+    from pipeline.data import make_eval_loader
+    from pipeline.data_config import DataConfig, DatasetSource, resolve_inputs
 
     data, export = setup
     model = load_model(export, tokenizer=data / "tokenizer.model")

@@ -16,15 +16,8 @@ import webdataset as wds
 
 from models.contracts import AudioInput, TextInput, VideoInput
 from pipeline.config import from_dict
-from pipeline.data import (
-    AugmentConfig,
-    DataConfig,
-    DatasetSource,
-    make_eval_loader,
-    make_train_loader,
-    resolve_inputs,
-    shard_weights,
-)
+from pipeline.data import make_eval_loader, make_train_loader, shard_weights
+from pipeline.data_config import AugmentConfig, DataConfig, DatasetSource, resolve_inputs
 from pipeline.stages import wanted_member
 
 VIDEO, AUDIO, TEXT = VideoInput(4, 32, 10.0), AudioInput(16000, 16, 0.5), TextInput(8, 100)
@@ -198,6 +191,40 @@ def test_same_seed_same_batches_and_other_seed_differs(tiny_dataset, tokenizer):
     for x, y in zip(a, b):
         assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
     assert any(not torch.equal(x["video"], z["video"]) for x, z in zip(a, c))
+
+
+def test_batches_are_the_same_for_0_1_2_workers_and_wherever_the_augmentation_runs(tiny_dataset, tokenizer):
+    """Exact mode with one batch per shard: per-sample randomness is keyed by the sample, not the worker, and the
+    augmentation parameters travel with the batch, so neither the worker count nor the step's place matters."""
+    base = make_cfg(tiny_dataset, tokenizer, views="gdt", mode="exact", augment=AugmentConfig())
+
+    def run(workers, where):
+        cfg = dataclasses.replace(base, num_workers=workers, augment=AugmentConfig(where=where))
+        loader = make_train_loader(cfg, rank=0, world_size=1, seed=4)
+        return [loader.to_device(b) for b in loader]
+
+    reference = run(0, "device")
+    assert len(reference) == 4 and reference[0]["video"].shape == (2, 4, 3, 4, 32, 32)
+    assert reference[0]["video"].dtype == torch.float32 and "video_aug" not in reference[0]
+    for workers, where in [(1, "device"), (2, "device"), (2, "workers"), (0, "workers")]:
+        other = run(workers, where)
+        assert [b["idx"].tolist() for b in other] == [b["idx"].tolist() for b in reference]
+        for x, y in zip(reference, other):
+            assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+    views = reference[0]["video"][0]  # (4, C, T, H, W): base and reversed get their own crops
+    assert not torch.allclose(views[1], views[0].flip(1))
+
+
+def test_loader_hands_uint8_boxes_and_parameters_until_the_device_step(tiny_dataset, tokenizer):
+    cfg = make_cfg(tiny_dataset, tokenizer, views="selflabel", epoch_samples=4, augment=AugmentConfig(where="device"))
+    loader = make_train_loader(cfg, rank=0, world_size=1, seed=0)
+    batch = next(iter(loader))
+    assert batch["video"].dtype == torch.uint8 and batch["video_aug"].shape == (2, 1, 6)
+    assert batch["audio_aug"].shape == (2, 1, 5)
+    h, w = batch["video_aug"][..., 0].max(), batch["video_aug"][..., 1].max()
+    assert batch["video"].shape[-2:] == (h, w) and h <= 64  # the largest box of the batch, stored pixels
+    ready = loader.to_device(batch)
+    assert ready["video"].shape == (2, 1, 3, 4, 32, 32) and set(ready) == set(batch) - {"video_aug", "audio_aug"}
 
 
 def test_state_dict_resume_is_deterministic_and_completes_the_epoch(tiny_dataset, tokenizer):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import tarfile
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -28,21 +27,42 @@ def test_frame_indices_pick_the_frame_shown_at_each_timestamp():
 @pytest.mark.parametrize("backend", V.BACKENDS)
 def test_decoders_return_uint8_clips_at_the_requested_times(mp4, backend):
     video = V.open_video(mp4, backend)
-    assert video.fps == pytest.approx(10.0) and video.num_frames == 40
+    assert video.fps == pytest.approx(10.0) and video.num_frames == 40 and video.device == torch.device("cpu")
     clip = V.decode_clip(video, 1.0, 4, 5.0)
-    assert clip.dtype == torch.uint8 and clip.shape[:2] == (3, 4) and min(clip.shape[2:]) == 64
+    assert clip.frames.dtype == torch.uint8 and clip.frames.shape == (4, 64, 86, 3)  # (N, H, W, 3)
+    assert clip.order.tolist() == [0, 1, 2, 3]
+    dense = clip.dense()
+    assert dense.shape == (3, 4, 64, 86) and dense.is_contiguous()
     assert video.decoded_frames >= 4
     again = V.decode_clip(video, 1.6, 1, 5.0)  # = clip frame 3 (1.0 + 3 / 5 s)
-    assert torch.equal(again[:, 0], clip[:, 3])
+    assert torch.equal(again.dense()[:, 0], dense[:, 3])
+
+
+def test_repeated_frames_are_decoded_once_and_reversal_reorders_without_copies(mp4):
+    clip = V.decode_clip(V.open_video(mp4), 3.7, 4, 10.0)  # frames 37, 38, 39, 39 (clamped at the end)
+    assert clip.frames.shape[0] == 3 and clip.order.tolist() == [0, 1, 2, 2]
+    back = clip.reversed()
+    assert back.frames is clip.frames and torch.equal(back.dense(), clip.dense().flip(1))
 
 
 def test_decord_and_pyav_agree_on_the_same_frames(mp4):
-    a = V.decode_clip(V.open_video(mp4, "decord"), 0.7, 6, 10.0).float()
-    b = V.decode_clip(V.open_video(mp4, "pyav"), 0.7, 6, 10.0).float()
+    a = V.decode_clip(V.open_video(mp4, "decord"), 0.7, 6, 10.0).dense().float()
+    b = V.decode_clip(V.open_video(mp4, "pyav"), 0.7, 6, 10.0).dense().float()
     assert a.shape == b.shape
     assert (a - b).abs().mean() < 3.0  # same H.264 frames; colour conversion may differ by a level or two
-    shifted = V.decode_clip(V.open_video(mp4, "pyav"), 1.5, 6, 10.0).float()
+    shifted = V.decode_clip(V.open_video(mp4, "pyav"), 1.5, 6, 10.0).dense().float()
     assert (a - b).abs().mean() < (a - shifted).abs().mean()
+
+
+@pytest.mark.parametrize("backend", V.BACKENDS)
+def test_decoder_side_scaling_matches_a_resize_after_decoding(mp4, backend):
+    full = V.decode_clip(V.open_video(mp4, backend), 0.5, 3, 10.0)
+    scaled = V.decode_clip(V.open_video(mp4, backend, size=(32, 43)), 0.5, 3, 10.0)
+    assert scaled.frames.shape == (3, 32, 43, 3)
+    resized = V.resize_frames(full.frames, 32, 43).float()
+    other = V.decode_clip(V.open_video(mp4, backend, size=(32, 43)), 2.5, 3, 10.0).frames.float()
+    err = (scaled.frames.float() - resized).abs().mean()
+    assert err < 4.0 and err < (other - resized).abs().mean() / 2  # interpolation differs, content does not
 
 
 def test_bad_bytes_and_unknown_backend_raise(mp4):
@@ -53,27 +73,19 @@ def test_bad_bytes_and_unknown_backend_raise(mp4):
         V.open_video(mp4, "opencv")
 
 
-def test_center_crop_and_random_resized_crop_shapes_and_determinism():
-    clip = torch.randint(0, 256, (3, 4, 48, 80), dtype=torch.uint8)
-    out = V.center_crop(clip, 32)
-    assert out.shape == (3, 4, 32, 32) and out.dtype == torch.uint8
-    a = V.random_resized_crop(clip, 24, np.random.default_rng(3))
-    b = V.random_resized_crop(clip, 24, np.random.default_rng(3))
-    c = V.random_resized_crop(clip, 24, np.random.default_rng(4))
-    assert a.shape == (3, 4, 24, 24) and torch.equal(a, b) and not torch.equal(a, c)
-    same = V.center_crop(clip[..., 16:64], 48)  # already 48 x 48: a pure crop, no resampling
-    assert torch.equal(same, clip[..., 16:64])
+def test_center_clip_crops_the_short_side_square_before_resizing():
+    frames = torch.randint(0, 256, (2, 48, 80, 3), dtype=torch.uint8)
+    clip = V.Clip(frames, torch.tensor([1, 0, 0]))
+    out = V.center_clip(clip, 32)
+    assert out.shape == (3, 3, 32, 32) and out.dtype == torch.uint8
+    same = V.center_clip(clip, 48)  # already 48 x 48 after the crop: no resampling
+    assert torch.equal(same, clip.dense()[..., 16:64])
 
 
-def test_color_jitter_works_on_the_channel_axis():
-    grey = torch.full((3, 4, 8, 8), 100, dtype=torch.uint8)
-    grey[:, 2] = 200  # frames differ in time; channels are equal everywhere
-    out = V.color_jitter(grey, 0.4, np.random.default_rng(0))
-    assert torch.equal(out[0], out[1]) and torch.equal(out[1], out[2])  # grey stays grey
-    assert not torch.equal(out, grey)
-    assert torch.equal(V.color_jitter(grey, 0.0, np.random.default_rng(0)), grey)
-
-
-def test_hflip_mirrors_width():
-    clip = torch.arange(2 * 3 * 4, dtype=torch.uint8).reshape(1, 1, 2, 12)[..., :12].expand(3, 2, 2, 12)
-    assert torch.equal(V.hflip(clip)[..., 0], clip[..., -1])
+def test_window_copy_places_the_box_top_left_and_zeroes_the_rest():
+    frames = torch.randint(1, 256, (3, 20, 30, 3), dtype=torch.uint8)
+    out = torch.full((4, 12, 16, 3), 7, dtype=torch.uint8)
+    V.VideoWindow(V.Clip(frames, torch.tensor([2, 1, 1, 0])), 5, 8, 10, 14).write_into(out)
+    for t, i in enumerate([2, 1, 1, 0]):
+        assert torch.equal(out[t, :10, :14], frames[i, 5:15, 8:22])
+    assert not out[:, 10:].any() and not out[:, :, 14:].any()

@@ -1,4 +1,7 @@
-"""View samplers on real samples of the tiny synth dataset: shapes, GDT reversal/shift, audio-video alignment."""
+"""View samplers on real samples of the tiny synth dataset: shapes, GDT reversal/shift, audio-video alignment.
+
+Rows are collated and put through the batched augmentation step (`finished`), as the loader does, so every
+check sees what the model sees."""
 
 from __future__ import annotations
 
@@ -14,8 +17,10 @@ import torch
 from models.contracts import AudioInput, TextInput, VideoInput
 from pipeline import audio as A
 from pipeline import video as V
-from pipeline.data import AugmentConfig, DataConfig, DatasetSource, TextConfig, resolve_inputs
-from pipeline.views import CheckSample, SampleRejected, gdt_starts, nearest_captions, sample_views
+from pipeline.augment import augment_batch
+from pipeline.data_config import AugmentConfig, DataConfig, DatasetSource, TextConfig, resolve_inputs
+from pipeline.stages import CheckSample, collate_rows
+from pipeline.views import SampleRejected, gdt_starts, nearest_captions, sample_views
 
 VIDEO, AUDIO, TEXT = VideoInput(4, 32, 10.0), AudioInput(16000, 16, 0.5), TextInput(8, 100)
 
@@ -49,13 +54,32 @@ def checked(raw: dict, cfg: DataConfig) -> dict:
     return CheckSample(cfg, {})(dict(raw))
 
 
+def finished(row: dict, cfg: DataConfig) -> dict:
+    """One row as the model receives it: collated into a batch of one, augmentation applied, batch axis off."""
+    batch = augment_batch(collate_rows([row], {}), cfg)
+    return {k: v[0] for k, v in batch.items()}
+
+
+def pixels(video: torch.Tensor) -> torch.Tensor:
+    """Model input back to [0, 255] pixel values (the test contract has mean 0, std 1: input = pixels / 255)."""
+    return video.float() * 255 if video.dtype != torch.uint8 else video.float()
+
+
+def eval_clip(video: V.VideoSource, start: float) -> torch.Tensor:
+    return V.center_clip(V.decode_clip(video, start, 4, 10.0), 32).float()
+
+
 @pytest.mark.parametrize(
     "views, num_views", [("milnce", 1), ("gdt", 4), ("selflabel", 1), ("eval", 3)], ids=lambda x: str(x)
 )
 def test_every_view_type_has_the_contract_shapes_and_dtypes(raw_samples, tokenizer, views, num_views):
     cfg = make_cfg(views=views, eval_windows=3, augment=AugmentConfig())
-    out = sample_views(checked(raw_samples[0], cfg), cfg, np.random.default_rng(0), tokenizer)
-    assert out["video"].shape == (num_views, 3, 4, 32, 32) and out["video"].dtype == torch.uint8
+    row = sample_views(checked(raw_samples[0], cfg), cfg, np.random.default_rng(0), tokenizer)
+    assert len(row["video"]) == num_views and all(w.clip.frames.dtype == torch.uint8 for w in row["video"])
+    out = finished(row, cfg)
+    dtype = torch.uint8 if views == "eval" else torch.float32  # eval clips need no augmentation step
+    assert out["video"].shape == (num_views, 3, 4, 32, 32) and out["video"].dtype == dtype
+    assert set(out) == set(row) - {"video_aug", "audio_aug"}
     assert out["audio"].shape == (num_views, 1, 16, AUDIO.num_frames) and out["audio"].dtype == torch.float32
     k = cfg.text.num_captions if views != "eval" else out["text"].shape[0]
     assert out["text"].shape == (k, 8) and out["text"].dtype == torch.int64
@@ -67,12 +91,12 @@ def test_every_view_type_has_the_contract_shapes_and_dtypes(raw_samples, tokeniz
 def test_text_and_audio_switches_remove_those_keys(raw_samples):
     cfg = make_cfg(views="gdt", audio=dataclasses.replace(make_cfg().audio, enabled=False), text=TextConfig(False))
     out = sample_views(checked(raw_samples[0], cfg), cfg, np.random.default_rng(0), None)
-    assert set(out) == {"video", "idx", "label", "has_audio"}
+    assert set(out) == {"video", "video_aug", "idx", "label", "has_audio"}
 
 
 def test_gdt_reversed_views_are_exact_time_flips(raw_samples, tokenizer):
     cfg = make_cfg(views="gdt")
-    out = sample_views(checked(raw_samples[1], cfg), cfg, np.random.default_rng(0), tokenizer)
+    out = finished(sample_views(checked(raw_samples[1], cfg), cfg, np.random.default_rng(0), tokenizer), cfg)
     v, a = out["video"], out["audio"]  # (4, C, T, H, W), (4, 1, F, Ta)
     assert torch.equal(v[1], v[0].flip(1)) and torch.equal(v[3], v[2].flip(1))
     assert torch.equal(a[1], a[0].flip(-1)) and torch.equal(a[3], a[2].flip(-1))
@@ -82,13 +106,13 @@ def test_gdt_reversed_views_are_exact_time_flips(raw_samples, tokenizer):
 def test_gdt_shifted_view_starts_at_the_shifted_time(raw_samples, tokenizer):
     cfg = make_cfg(views="gdt", gdt_shift_seconds=1.5)
     sample = checked(raw_samples[2], cfg)
-    out = sample_views(sample, cfg, np.random.default_rng(5), tokenizer)
+    out = finished(sample_views(sample, cfg, np.random.default_rng(5), tokenizer), cfg)
     video = V.open_video(sample["video"])
     duration = video.num_frames / video.fps
     t0, t1 = gdt_starts(duration, 0.4, 1.5, np.random.default_rng(5))  # the sampler's first draw
     assert abs(t1 - t0) >= 1.5
     for view, start in ((0, t0), (2, t1)):
-        assert torch.equal(out["video"][view], V.center_crop(V.decode_clip(video, start, 4, 10.0), 32))
+        assert torch.allclose(pixels(out["video"][view]), eval_clip(video, start), atol=1e-3)
         wav, sr = A.decode_audio(sample["audio"])
         spec = A.log_mel(A.audio_window(wav, sr, start, 0.5), sr, 16, 25.0, 10.0)
         assert torch.allclose(out["audio"][view], spec)
@@ -161,22 +185,27 @@ def test_samples_without_captions_or_audio_are_rejected_when_required(raw_sample
         CheckSample(make_cfg(views="gdt", require_audio=True), {})(silent)
     assert e.value.reason == "missing_audio"
     cfg = make_cfg(views="selflabel", text=TextConfig(False))
-    out = sample_views(CheckSample(cfg, {})(silent), cfg, np.random.default_rng(0), None)
+    out = finished(sample_views(CheckSample(cfg, {})(silent), cfg, np.random.default_rng(0), None), cfg)
     assert out["has_audio"].item() is False and (out["audio"] == 0).all()
 
 
 def test_eval_views_are_deterministic_and_evenly_spaced(raw_samples, tokenizer):
     cfg = make_cfg(views="eval", eval_windows=3, with_meta=True)
     sample = checked(raw_samples[3], cfg)
-    a = sample_views(dict(sample), cfg, np.random.default_rng(0), tokenizer)
-    b = sample_views(dict(sample), cfg, np.random.default_rng(1), tokenizer)
+    a = finished(sample_views(dict(sample), cfg, np.random.default_rng(0), tokenizer), cfg)
+    b = finished(sample_views(dict(sample), cfg, np.random.default_rng(1), tokenizer), cfg)
     assert torch.equal(a["video"], b["video"]) and torch.equal(a["audio"], b["audio"])
     video = V.open_video(sample["video"])
     last = video.num_frames / video.fps - 0.4
-    assert torch.equal(a["video"][2], V.center_crop(V.decode_clip(video, last, 4, 10.0), 32))
+    # decoded straight at the model's size (the decoder scales) vs decoded in full then crop + resize
+    assert (a["video"][2].float() - eval_clip(video, last)).abs().mean() < 4.0
+    h, w = V.short_side_size(sample["meta"]["height"], sample["meta"]["width"], 32)
+    assert (h, w) == (32, 43)  # the stored 64 x 86 frame at the model's short side
+    first = V.decode_clip(V.open_video(sample["video"], size=(h, w)), 0.0, 4, 10.0).dense()
+    assert torch.equal(a["video"][0], first[..., 5:37])  # the centre 32 x 32
     assert a["meta"]["captions"] and a["text"].shape[0] == len(a["meta"]["captions"])
     whole = sample_views(dict(sample), dataclasses.replace(cfg, eval_windows=0), np.random.default_rng(0), tokenizer)
-    assert whole["video"].shape[0] == 1
+    assert len(whole["video"]) == 1
 
 
 def test_eval_audio_windows_are_the_log_mels_of_their_starts_and_silent_ones_are_zero(raw_samples):
