@@ -13,6 +13,7 @@ Only `.mp4`, `.flac`, `.wav` and `.json` members are ever read from a tar; nothi
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import logging
 import math
@@ -38,12 +39,15 @@ from pipeline.stages import (
     ShuffleSamples,
     SkipCounter,
     SplitByRank,
+    VideoBuffers,
     exact_shard_order,
     split_by_worker,
     wanted_member,
 )
 
 log = logging.getLogger(__name__)
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt() parameters
 
 
 @dataclass(frozen=True)
@@ -84,6 +88,8 @@ def _make_loader(cfg: DataConfig, *, rank: int, world_size: int, seed: int, trai
         raise ValueError(f"rank={rank} is not in [0, world_size={world_size})")
     check_resolved(cfg)
     in_workers = augment_in_workers(cfg, device)
+    # Eval batches are never augmented: they get fresh buffers, since a consumer may keep them raw.
+    buffers = VideoBuffers(cfg.num_workers, pooled=not in_workers) if cfg.views != "eval" else None
     shards = resolve_shards(cfg.datasets)
     labels = cfg.labels if cfg.labels is not None else scan_labels([s.url for s in shards])
     workers = max(cfg.num_workers, 1)
@@ -105,9 +111,7 @@ def _make_loader(cfg: DataConfig, *, rank: int, world_size: int, seed: int, trai
         ShuffleSamples(cfg.shuffle_buffer, state) if cfg.shuffle_buffer > 1 else None,
         wds.map(CheckSample(cfg, {name: i for i, name in enumerate(labels)}), handler=skips.reject),
         MakeViews(cfg, state, skips, _tokenizer_path(cfg)),
-        BatchSamples(
-            cfg.batch_size, state, skips, full_batches_only=resampled, augment_cfg=cfg if in_workers else None
-        ),
+        BatchSamples(cfg.batch_size, state, skips, resampled, buffers, augment_cfg=cfg if in_workers else None),
     ]
     num_batches = _num_batches(cfg, shards, rank, world_size, seed=seed, train=train)
     if isinstance(num_batches, int):
@@ -122,7 +126,7 @@ def _make_loader(cfg: DataConfig, *, rank: int, world_size: int, seed: int, trai
         num_batches if isinstance(num_batches, int) else num_batches(state.epoch),
         cfg.batch_size,
     )
-    return Loader(wds.DataPipeline(*stages), cfg, state, num_batches, device=torch.device(device))
+    return Loader(wds.DataPipeline(*stages), cfg, state, num_batches, torch.device(device), buffers)
 
 
 class Loader:
@@ -133,9 +137,9 @@ class Loader:
     in `skipped`. `to_device(batch)` turns a batch into the model's input on the loader's device.
     """
 
-    def __init__(self, dataset: wds.DataPipeline, cfg: DataConfig, state: EpochState, num_batches, device):
+    def __init__(self, dataset: wds.DataPipeline, cfg: DataConfig, state: EpochState, num_batches, device, buffers):
         self.dataset, self.cfg, self.state, self._num_batches = dataset, cfg, state, num_batches
-        self.device = device
+        self.device, self.buffers = device, buffers
         self.skipped: dict[str, int] = {}
         self.samples_seen = 0
         self._stream = None
@@ -184,6 +188,7 @@ class Loader:
             batches = self._from_stream()
         else:
             s.resume_at = s.batches_seen
+            self._restart_buffers()
             batches = iter(self._data_loader(self.dataset, persistent=False))
         for batch in batches:
             for reason, n in batch.pop("_skipped", {}).items():
@@ -208,6 +213,7 @@ class Loader:
         s = self.state
         if self._stream is None:
             s.resume_at = s.batches_seen
+            self._restart_buffers()
             self._stream = iter(self._data_loader(EpochStream(self.dataset, s), persistent=True))
         while s.batches_seen < self.num_batches:
             try:
@@ -223,12 +229,23 @@ class Loader:
     def to_device(self, batch: dict) -> dict:
         """Copy the batch's tensors to the loader's device (asynchronously from pinned memory on an accelerator)
         and apply the batched augmentation there, unless the workers already did; `meta` stays a list."""
-        dev = self.device
         moved = {
-            k: v.to(dev, non_blocking=True) if torch.is_tensor(v) and not k.endswith("_aug") else v
+            k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) and not k.endswith("_aug") else v
             for k, v in batch.items()
+            if k != "_buffer"
         }
-        return augment_batch(moved, self.cfg)
+        out = augment_batch(moved, self.cfg)
+        self.release(batch)  # the pixels are on the device (or augmented): the worker may reuse their buffer
+        return out
+
+    def release(self, batch: dict) -> None:
+        """Done with this raw batch: its video buffer may be written again (`to_device` calls it)."""
+        if self.buffers is not None:
+            self.buffers.release(batch.get("_buffer"))
+
+    def _restart_buffers(self) -> None:
+        if self.buffers is not None:
+            self.buffers.restart()
 
     def close(self) -> None:
         """Stop the worker processes that stream across epochs (resampled mode); iterating again restarts them."""
@@ -244,7 +261,23 @@ class Loader:
             timeout=self.cfg.worker_timeout_s if workers else 0,
             persistent_workers=persistent,
             pin_memory=self.device.type == "cuda",
+            worker_init_fn=keep_freed_memory,
         )
+
+
+def keep_freed_memory(_worker_id: int = 0) -> None:
+    """Let glibc's malloc keep freed blocks of up to 32 MB in the heap instead of returning them to the kernel.
+
+    A worker frees its decoded frames every batch and allocates as many again for the next: with the default
+    thresholds they are mmapped and unmapped each time, and touching fresh pages costs kernel time comparable
+    to decoding. A no-op where glibc is not the allocator.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)
+        libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
+    except (OSError, AttributeError):
+        pass
 
 
 def resolve_shards(datasets: list[DatasetSource]) -> list[Shard]:

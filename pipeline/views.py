@@ -5,7 +5,7 @@ A checked sample is `{"key", "video": mp4 bytes, "audio": flac/wav bytes | None,
 more: `video`, a list of V `VideoWindow`s (the decoded frames of each view's crop box, not yet copied), and for
 training views `video_aug (V, 6)` with the parameters the batched augmentation step applies
 (`pipeline.augment`); when enabled `audio (V, 1, F, Ta)` log-mels (+ `audio_aug (V, 5)`), `text (K, L)` +
-`text_mask`; and `idx`, `label`, `has_audio`. `pipeline.stages.collate_rows` turns rows into the batch of
+`text_mask`; and `idx`, `label`, `has_audio` as Python values. `pipeline.stages.collate_rows` turns rows into the batch of
 DESIGN.md. All randomness comes from the `rng` argument.
 """
 
@@ -231,11 +231,8 @@ def _decode(video: Vd.VideoSource, start: float, cfg: DataConfig, fps: float | N
 
 
 def _common(sample: dict) -> dict:
-    return {
-        "idx": torch.tensor(sample["idx"], dtype=torch.int64),
-        "label": torch.tensor(sample["label"], dtype=torch.int64),
-        "has_audio": torch.tensor(sample["has_audio"]),
-    }
+    # Plain Python values: collation makes one tensor per batch of them.
+    return {"idx": int(sample["idx"]), "label": int(sample["label"]), "has_audio": bool(sample["has_audio"])}
 
 
 def _video_views(clips: list[Vd.Clip], cfg: DataConfig, rng: np.random.Generator) -> dict:

@@ -224,7 +224,24 @@ def test_loader_hands_uint8_boxes_and_parameters_until_the_device_step(tiny_data
     h, w = batch["video_aug"][..., 0].max(), batch["video_aug"][..., 1].max()
     assert batch["video"].shape[-2:] == (h, w) and h <= 64  # the largest box of the batch, stored pixels
     ready = loader.to_device(batch)
-    assert ready["video"].shape == (2, 1, 3, 4, 32, 32) and set(ready) == set(batch) - {"video_aug", "audio_aug"}
+    assert ready["video"].shape == (2, 1, 3, 4, 32, 32) and set(ready) == set(batch) - {"video_aug", "audio_aug", "_buffer"}
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_video_buffers_are_reused_only_after_to_device_released_them(tiny_dataset, tokenizer, workers):
+    cfg = make_cfg(tiny_dataset, tokenizer, views="selflabel", epoch_samples=16, num_workers=workers,
+                   augment=AugmentConfig(where="device"))  # fmt: skip
+    loader = make_train_loader(cfg, rank=0, world_size=1, seed=0)
+    held = [(b, b["video"].clone()) for b in loader]  # raw batches kept, never released
+    assert len(held) == 8
+    assert [b["_buffer"][1].item() for b, _ in held[:4]] == [0, 1, 2, 3] and all("_buffer" not in b for b, _ in held[4:])
+    assert all(torch.equal(b["video"], copy) for b, copy in held)  # nothing was overwritten
+    loader.close()
+    slots, fresh = [], make_train_loader(cfg, rank=0, world_size=1, seed=0)
+    for batch in fresh:  # each batch released before the next is read
+        slots.append(batch["_buffer"][1].item())
+        fresh.to_device(batch)
+    assert len(slots) == 8 and set(slots) <= {0, 1, 2, 3}
 
 
 def test_state_dict_resume_is_deterministic_and_completes_the_epoch(tiny_dataset, tokenizer):
