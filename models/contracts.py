@@ -11,8 +11,9 @@ import torch
 class VideoInput:
     """A video tower eats `num_frames` RGB frames of `size` x `size` sampled at `fps`.
 
-    Frames arrive as uint8; the tower scales them to [0, 1] and then applies `(x - mean) / std`
-    (mean 0 / std 1 means "RGB in [0, 1]", as the released S3D-G expects).
+    The model's input is `(x / 255 - mean) / std` of RGB pixels x in [0, 255] (mean 0 / std 1 means "RGB in
+    [0, 1]", as the released S3D-G expects): `normalize_video`. The multi-tower model applies it to uint8
+    frames itself; the loader's batched augmentation step applies it on the device and hands over floats.
     """
 
     num_frames: int

@@ -39,10 +39,10 @@ from pipeline.stages import (
     ShuffleSamples,
     SkipCounter,
     SplitByRank,
+    TarSamples,
     VideoBuffers,
     exact_shard_order,
     split_by_worker,
-    wanted_member,
 )
 
 log = logging.getLogger(__name__)
@@ -107,7 +107,7 @@ def _make_loader(cfg: DataConfig, *, rank: int, world_size: int, seed: int, trai
         else ExactShards([s.url for s in shards], state, shuffle=train),
         None if resampled else SplitByRank(state),
         None if resampled else split_by_worker,
-        wds.tarfile_to_samples(handler=skips.handler("bad_shard"), select_files=wanted_member),
+        TarSamples(skips.handler("bad_shard")),
         ShuffleSamples(cfg.shuffle_buffer, state) if cfg.shuffle_buffer > 1 else None,
         wds.map(CheckSample(cfg, {name: i for i, name in enumerate(labels)}), handler=skips.reject),
         MakeViews(cfg, state, skips, _tokenizer_path(cfg)),

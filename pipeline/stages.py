@@ -16,6 +16,7 @@ from itertools import islice
 import numpy as np
 import torch
 
+from data_prep.shards import iter_tar_members
 from pipeline.augment import augment_batch
 from pipeline.data_config import DataConfig
 from pipeline.video import VideoWindow
@@ -48,6 +49,42 @@ def _worker_info() -> tuple[int, int]:
 def _rng(state: EpochState, *extra: int) -> np.random.Generator:
     worker, _ = _worker_info()
     return np.random.default_rng([state.seed, state.epoch, state.resume_at, state.rank, worker, *extra])
+
+
+class TarSamples:
+    """Shard URLs -> raw samples: consecutive members sharing a key (the name up to the first dot of its base
+    name) grouped into `{"__key__", "__url__", ext: bytes}`, reading only `wanted_member` members.
+
+    A shard that cannot be opened or read is handed to `handler` (which counts it and returns True to go on with
+    the next shard); the sample being assembled when it broke is dropped, the ones before it were yielded.
+    """
+
+    def __init__(self, handler):
+        self.handler = handler
+
+    def __call__(self, src):
+        import webdataset as wds
+
+        for shard in src:
+            url, sample = shard["url"], None
+            try:
+                with wds.gopen(url, "rb") as stream:
+                    for name, data in iter_tar_members(stream, wanted_member):
+                        slash = name.rfind("/") + 1
+                        dot = name.find(".", slash)
+                        key, ext = name[:dot], name[dot + 1 :].lower()
+                        if sample is not None and sample["__key__"] != key:
+                            yield sample
+                            sample = None
+                        if sample is None:
+                            sample = {"__key__": key, "__url__": url}
+                        sample[ext] = data
+            except Exception as e:  # noqa: BLE001 - any failure of one shard is counted, the stream goes on
+                if self.handler(e):
+                    continue
+                raise
+            if sample is not None:
+                yield sample
 
 
 def wanted_member(fname: str) -> bool:

@@ -5,8 +5,8 @@ A checked sample is `{"key", "video": mp4 bytes, "audio": flac/wav bytes | None,
 more: `video`, a list of V `VideoWindow`s (the decoded frames of each view's crop box, not yet copied), and for
 training views `video_aug (V, 6)` with the parameters the batched augmentation step applies
 (`pipeline.augment`); when enabled `audio (V, 1, F, Ta)` log-mels (+ `audio_aug (V, 5)`), `text (K, L)` +
-`text_mask`; and `idx`, `label`, `has_audio` as Python values. `pipeline.stages.collate_rows` turns rows into the batch of
-DESIGN.md. All randomness comes from the `rng` argument.
+`text_mask`; and `idx`, `label`, `has_audio` as Python values. `pipeline.stages.collate_rows` turns rows into
+the batch of DESIGN.md. All randomness comes from the `rng` argument.
 """
 
 from __future__ import annotations

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import json
+import tarfile
 
 import pytest
 
-from data_prep.shards import iter_json_members, read_dataset_json, write_shard
+from data_prep.shards import iter_json_members, iter_tar_members, read_dataset_json, write_shard
 
 
 def test_read_dataset_json_accepts_a_built_dataset(tiny_dataset):
@@ -52,3 +54,45 @@ def test_iter_json_members_raises_on_a_broken_tar(tmp_path):
     path.write_bytes(b"this is not a tar file" * 40)
     with pytest.raises(ValueError, match="not a readable tar"):
         list(iter_json_members(path))
+
+
+def _tar_bytes(members: list[tuple[str, bytes]], fmt: int) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        folder = tarfile.TarInfo("somedir")
+        folder.type = tarfile.DIRTYPE
+        tar.addfile(folder)  # a non-file entry is skipped
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_tar_member_reader_matches_tarfile_and_reads_only_wanted_members(fmt):
+    long = "d/" + "x" * 150 + ".mp4" if fmt != tarfile.USTAR_FORMAT else "d/" + "x" * 90 + ".mp4"
+    members = [
+        ("000001.json", b'{"idx": 1}'),
+        (long, bytes(range(256)) * 7),
+        ("000001.pyd", b"\x80pickle"),
+        ("\u00e9t\u00e9.wav", b"R" * 513),
+        ("empty.txt", b""),
+    ]
+    blob = _tar_bytes(members, fmt)
+    got = list(iter_tar_members(io.BytesIO(blob), lambda name: not name.endswith(".pyd")))
+    assert got == [m for m in members if not m[0].endswith(".pyd")]
+    with tarfile.open(fileobj=io.BytesIO(blob)) as tar:  # the reference reader agrees on every member
+        assert [(m.name, tar.extractfile(m).read()) for m in tar if m.isfile()] == members
+
+
+def test_tar_member_reader_refuses_corrupt_and_truncated_tars():
+    blob = _tar_bytes([("a.json", b"{}"), ("a.mp4", b"v" * 2000)], tarfile.USTAR_FORMAT)
+    with pytest.raises(ValueError, match="truncated tar member 'a.mp4'"):
+        list(iter_tar_members(io.BytesIO(blob[: 1024 + 512 + 700]), lambda name: True))
+    with pytest.raises(ValueError, match="checksum"):
+        list(iter_tar_members(io.BytesIO(b"not a tar file at all" * 40), lambda name: True))
+    flipped = bytearray(blob)
+    flipped[10] ^= 1  # a name byte of the first header
+    with pytest.raises(ValueError, match="checksum"):
+        list(iter_tar_members(io.BytesIO(bytes(flipped)), lambda name: True))

@@ -224,7 +224,11 @@ def test_loader_hands_uint8_boxes_and_parameters_until_the_device_step(tiny_data
     h, w = batch["video_aug"][..., 0].max(), batch["video_aug"][..., 1].max()
     assert batch["video"].shape[-2:] == (h, w) and h <= 64  # the largest box of the batch, stored pixels
     ready = loader.to_device(batch)
-    assert ready["video"].shape == (2, 1, 3, 4, 32, 32) and set(ready) == set(batch) - {"video_aug", "audio_aug", "_buffer"}
+    assert ready["video"].shape == (2, 1, 3, 4, 32, 32) and set(ready) == set(batch) - {
+        "video_aug",
+        "audio_aug",
+        "_buffer",
+    }
 
 
 @pytest.mark.parametrize("workers", [0, 1])
@@ -234,7 +238,9 @@ def test_video_buffers_are_reused_only_after_to_device_released_them(tiny_datase
     loader = make_train_loader(cfg, rank=0, world_size=1, seed=0)
     held = [(b, b["video"].clone()) for b in loader]  # raw batches kept, never released
     assert len(held) == 8
-    assert [b["_buffer"][1].item() for b, _ in held[:4]] == [0, 1, 2, 3] and all("_buffer" not in b for b, _ in held[4:])
+    assert [b["_buffer"][1].item() for b, _ in held[:4]] == [0, 1, 2, 3] and all(
+        "_buffer" not in b for b, _ in held[4:]
+    )
     assert all(torch.equal(b["video"], copy) for b, copy in held)  # nothing was overwritten
     loader.close()
     slots, fresh = [], make_train_loader(cfg, rank=0, world_size=1, seed=0)
