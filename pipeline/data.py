@@ -43,6 +43,7 @@ from pipeline.stages import (
     VideoBuffers,
     exact_shard_order,
     split_by_worker,
+    unpack_tensors,
 )
 
 log = logging.getLogger(__name__)
@@ -191,6 +192,7 @@ class Loader:
             self._restart_buffers()
             batches = iter(self._data_loader(self.dataset, persistent=False))
         for batch in batches:
+            batch = unpack_tensors(batch)
             for reason, n in batch.pop("_skipped", {}).items():
                 self.skipped[reason] = self.skipped.get(reason, 0) + int(n)
             if not batch:

@@ -289,7 +289,9 @@ class BatchSamples:
 
     def _collate(self, rows: list[dict]) -> dict:
         batch = collate_rows(rows, self.skips.take(), self.buffers)
-        return augment_batch(batch, self.augment_cfg) if self.augment_cfg is not None else batch
+        if self.augment_cfg is not None:
+            batch = augment_batch(batch, self.augment_cfg)
+        return pack_tensors(batch) if torch.utils.data.get_worker_info() is not None else batch
 
     def __call__(self, src):
         worker, num_workers = _worker_info()
@@ -364,6 +366,44 @@ def _collate_windows(
         for v, window in enumerate(row):
             window.write_into(out[b, v])
     return out.permute(0, 1, 5, 2, 3, 4), tag  # (B, V, C, T, H, W)
+
+
+def pack_tensors(batch: dict) -> dict:
+    """Move every tensor of a worker's batch except pooled video into one shared-memory buffer (`_packed`, with
+    `_layout` to cut it up again: `unpack_tensors`).
+
+    Handing a tensor to the main process costs a worker ~0.5 ms (a file descriptor sent over a socket with an
+    authentication handshake), so a batch of eight small tensors cost 4 ms, ~0.5 ms per clip at batch 8; packed,
+    it costs one hand-over (two with pooled video).
+    """
+    small = {k: v for k, v in batch.items() if torch.is_tensor(v) and not (k == "video" and "_buffer" in batch)}
+    if not small:
+        return batch
+    offsets, total = {}, 0
+    for key, t in small.items():
+        total = -(-total // 64) * 64  # 64-byte aligned, so every view is aligned for any dtype
+        offsets[key] = total
+        total += t.numel() * t.element_size()
+    flat = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(max(total, 1)))
+    layout = []
+    for key, t in small.items():
+        view = flat[offsets[key] : offsets[key] + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
+        view.copy_(t)
+        layout.append((key, offsets[key], t.dtype, tuple(t.shape)))
+    out = {k: v for k, v in batch.items() if k not in small}
+    out["_packed"], out["_layout"] = flat, layout
+    return out
+
+
+def unpack_tensors(batch: dict) -> dict:
+    """Inverse of `pack_tensors`: the batch's tensors as views of the one buffer (a no-op on other batches)."""
+    if "_packed" not in batch:
+        return batch
+    flat, layout = batch.pop("_packed"), batch.pop("_layout")
+    for key, offset, dtype, shape in layout:
+        nbytes = int(np.prod(shape, dtype=np.int64)) * torch.empty(0, dtype=dtype).element_size()
+        batch[key] = flat[offset : offset + nbytes].view(dtype).view(shape)
+    return batch
 
 
 class VideoBuffers:

@@ -356,3 +356,23 @@ def _member_name(shard: Path, suffix: str) -> str:
 def _member(shard: Path, suffix: str) -> bytes:
     with tarfile.open(shard) as tf:
         return tf.extractfile(_member_name(shard, suffix)).read()
+
+
+def test_packed_worker_batches_unpack_to_the_same_tensors():
+    from pipeline.stages import pack_tensors, unpack_tensors
+
+    batch = {
+        "video": torch.randint(0, 255, (2, 1, 3, 4, 8, 8), dtype=torch.uint8).permute(0, 1, 2, 3, 5, 4),
+        "idx": torch.tensor([3, 9]),
+        "has_audio": torch.tensor([True, False]),
+        "text": torch.randint(0, 50, (2, 0, 8)),
+        "video_aug": torch.rand(2, 1, 6),
+        "meta": [{"a": 1}, {"a": 2}],
+    }
+    packed = pack_tensors(dict(batch))
+    assert [k for k, v in packed.items() if torch.is_tensor(v)] == ["_packed"] and packed["meta"] == batch["meta"]
+    assert packed["_packed"].is_shared()
+    out = unpack_tensors(packed)
+    assert out.keys() == batch.keys()
+    for k, v in batch.items():
+        assert v == out[k] if k == "meta" else (out[k].dtype == v.dtype and torch.equal(out[k], v))
