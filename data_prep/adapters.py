@@ -37,7 +37,7 @@ class _Collector:
             raise ValueError(f"video root is not a directory: {root}")
         self.root, self.sources, self.seen = root, SourceList(), set()
         self.by_stem: dict[str, Path] = {}
-        paths, _ = scan_videos(root)
+        paths, _, _ = scan_videos(root)
         clashes = 0
         for path in paths:
             if path.stem in self.by_stem:

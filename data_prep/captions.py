@@ -24,11 +24,10 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from data_prep.sources import Caption
+from data_prep.sources import CAPTION_EXTENSIONS, Caption
 
 log = logging.getLogger(__name__)
 
-CAPTION_EXTENSIONS = (".srt", ".vtt", ".json", ".csv", ".txt")  # also the sidecar lookup order
 WHOLE_VIDEO_END = math.inf
 MAX_CAPTION_BYTES = 64 << 20  # a bigger "sidecar" is not a subtitle file; do not read it into memory
 

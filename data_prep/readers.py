@@ -105,12 +105,16 @@ def read_directory(root: Path, *, split: str | None = None) -> tuple[SourceList,
     """Every video under `root` (recursive, sorted) with its caption sidecar; id = relative path without suffix."""
     if split is not None:
         raise ValueError(f"split={split!r} needs a manifest or a corpus annotation file: a folder scan has no splits")
-    paths, hidden = scan_videos(root)
+    paths, hidden, others = scan_videos(root)
     if hidden:
         log.warning("%s: skipped %d hidden file(s)/folder(s) (names starting with '.')", root, hidden)
     if not paths:
         log.warning("%s: no video files found (extensions: %s)", root, ", ".join(VIDEO_EXTENSIONS))
     sources, seen, listings = SourceList(), set(), {}
+    for path in others:  # counted and listed, never silently dropped
+        ext = path.suffix.lower() or "(none)"
+        detail = f"extension {ext} is not a video container the folder scan takes; name it in a manifest to try it"
+        sources.failures.append(Failure(str(path), "not_a_video_file", detail))
     for path in tqdm(paths, desc="scan", unit="video", leave=False, disable=None):
         vid = path.relative_to(root).with_suffix("").as_posix()
         if vid in seen:

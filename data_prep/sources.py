@@ -70,7 +70,13 @@ class SourceList:
     warnings: list[Failure] = field(default_factory=list)
 
 
-VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".mov", ".avi", ".m4v", ".mpg", ".mpeg", ".flv", ".3gp")
+# Containers a folder scan takes (ffmpeg reads them all); a file with another extension is left out, counted and
+# listed (a manifest row can still name any file ffmpeg reads).
+VIDEO_EXTENSIONS = (
+    ".mp4", ".mkv", ".webm", ".mov", ".avi", ".m4v", ".mpg", ".mpeg", ".flv", ".3gp", ".3g2", ".ogv",
+    ".ts", ".mts", ".m2ts", ".wmv", ".asf", ".vob", ".f4v", ".mxf", ".dv", ".m2v", ".rm", ".rmvb",
+)  # fmt: skip
+CAPTION_EXTENSIONS = (".srt", ".vtt", ".json", ".csv", ".txt")  # caption sidecars, in their lookup order
 
 # Public corpora spell their splits differently; readers store and compare the short form.
 _SPLIT_ALIASES = {"training": "train", "validation": "val", "validate": "val", "valid": "val", "testing": "test"}
@@ -84,22 +90,24 @@ def normalize_split(split: str | None) -> str | None:
     return _SPLIT_ALIASES.get(split.lower(), split) if split else None
 
 
-def scan_videos(root: Path) -> tuple[list[Path], int]:
-    """Video files under `root` (recursive, extension case-insensitive, sorted), and how many hidden ones were skipped.
+def scan_videos(root: Path) -> tuple[list[Path], int, list[Path]]:
+    """Video files under `root` (recursive, extension case-insensitive, sorted), how many hidden files and folders
+    were skipped, and the other files left out (neither a video container nor a caption sidecar), sorted.
 
     Hidden files and folders are skipped: macOS `._clip.mp4` resource forks look like videos but are not.
     """
-    found, hidden = [], 0
+    found, others, hidden = [], [], 0
     for dirpath, dirnames, filenames in os.walk(root):
         hidden += sum(1 for d in dirnames if d.startswith("."))
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         rel = os.path.relpath(dirpath, root)
         for name in filenames:
-            if os.path.splitext(name)[1].lower() not in VIDEO_EXTENSIONS:
-                continue
             if name.startswith("."):
-                hidden += 1
+                hidden += os.path.splitext(name)[1].lower() in VIDEO_EXTENSIONS
                 continue
-            found.append(name if rel == "." else f"{rel}/{name}")
+            ext = os.path.splitext(name)[1].lower()
+            if ext in CAPTION_EXTENSIONS:
+                continue
+            (found if ext in VIDEO_EXTENSIONS else others).append(name if rel == "." else f"{rel}/{name}")
     found.sort()  # by relative path: the same order on every filesystem
-    return [root / rel for rel in found], hidden
+    return [root / rel for rel in found], hidden, [root / rel for rel in sorted(others)]

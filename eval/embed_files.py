@@ -65,6 +65,18 @@ class Embeddings:
         return np.array([code.get(str(x), -1) if x is not None else -1 for x in raw], dtype=np.int64), names
 
 
+def _check_caption_video(path: Path, rows: np.ndarray, videos: int) -> None:
+    """Every caption must point at an existing video row: one line naming the file, the row and the value."""
+    if rows.ndim != 1 or not np.issubdtype(rows.dtype, np.integer):
+        raise ValueError(f"{path}: expected a 1-d integer array, got {rows.dtype} of shape {rows.shape}")
+    bad = np.flatnonzero((rows < 0) | (rows >= videos))
+    if len(bad):
+        raise ValueError(
+            f"{path}: row {bad[0]} names video {rows[bad[0]]}, outside 0..{videos - 1} "
+            f"({len(bad)} such row(s)); the embedding directory is damaged: re-run `vatp embed`"
+        )
+
+
 def read_embeddings(root: str | Path) -> Embeddings:
     """Open an embedding directory written by `eval.embed.extract_embeddings`."""
     root = Path(root)
@@ -74,6 +86,7 @@ def read_embeddings(root: str | Path) -> Embeddings:
         meta = [json.loads(line) for line in f if line.strip()]
     arrays = {p.name[:-4]: np.load(p, mmap_mode="r", allow_pickle=False) for p in sorted(root.glob("*.npy"))}
     caption_video = np.asarray(arrays.pop("caption_video", np.zeros(0, dtype=np.int64)))
+    _check_caption_video(root / "caption_video.npy", caption_video, len(meta))
     for name, a in arrays.items():
         rows = a.shape[1] if name.endswith("_logits") else a.shape[0]
         expect = len(caption_video) if name.startswith("text@") else len(meta)

@@ -38,17 +38,31 @@ CLIENT_KEY = "vatp"  # DeepSpeed mixes its own keys into client_state; ours live
 
 
 def prepare_run_dir(runs_dir: str | Path, name: str, *, resume: bool) -> Path:
-    """Return `<runs_dir>/<name>`, refusing to reuse a started run unless resuming (and to resume nothing)."""
+    """Return `<runs_dir>/<name>`, refusing to reuse a started run unless resuming (and to resume nothing).
+
+    A run that stopped before its first checkpoint holds nothing to resume or to lose: it is started over (its
+    metrics and TensorBoard files of the failed start are removed), so the same command works again.
+    """
     run_dir = Path(runs_dir) / name
     started = (run_dir / "config.yaml").exists() or (run_dir / "checkpoints").exists()
     if resume and latest_tag(run_dir) is None:
         raise ValueError(f"--resume: no complete checkpoint under {run_dir}/checkpoints (nothing to resume)")
+    if started and not resume and not _has_checkpoint_files(run_dir):
+        log.warning("%s holds a run that stopped before its first checkpoint: starting it over", run_dir)
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        shutil.rmtree(run_dir / "tb", ignore_errors=True)
+        return run_dir
     if started and not resume:
         raise ValueError(
             f"run directory {run_dir} already holds a run: pass --resume to continue it, "
             f"or choose another run.name (e.g. --set run.name={name}-2)"
         )
     return run_dir
+
+
+def _has_checkpoint_files(run_dir: Path) -> bool:
+    ckpt_dir = run_dir / "checkpoints"
+    return ckpt_dir.is_dir() and any(ckpt_dir.iterdir())
 
 
 def check_same_model(run_dir: Path, model: dict) -> None:

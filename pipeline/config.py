@@ -7,6 +7,7 @@ any such dataclass from plain data. Unknown keys and wrong types are errors that
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -140,14 +141,19 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        number = None
         if isinstance(value, str):  # PyYAML (YAML 1.1) reads `3e-4` as a string; accept what float() accepts
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            number = float(value)
+        if number is None:
             raise ConfigError(f"{where}: expected a number, got {value!r}")
-        return float(value)
+        if not math.isfinite(number):  # NaN slips through every "must be positive" check that follows
+            raise ConfigError(f"{where}: {value!r} is not a finite number")
+        return number
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{where}: expected a string, got {value!r}")

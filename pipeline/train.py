@@ -27,6 +27,7 @@ from models.towers import build_model
 from pipeline.checkpoint import (
     StopRequest,
     check_same_model,
+    latest_tag,
     load_checkpoint,
     prepare_run_dir,
     record_launch,
@@ -55,6 +56,9 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
     num_samples = check_config(cfg, world_size)
     dist_info = init_distributed(cfg.run.device)
     rank, device = dist_info.rank, dist_info.device
+    threads = cfg.run.threads or default_threads(cfg.data.num_workers)
+    torch.set_num_threads(threads)
+    log.info("rank %d: %d torch threads", rank, threads)
     run_dir = prepare_run_dir(cfg.run.runs_dir, cfg.run.name, resume=resume)
     if resume:
         check_same_model(run_dir, recipe_dict(cfg)["model"])
@@ -120,10 +124,11 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
                 nonfinite_run += 1
                 log.warning("non-finite loss at step %d (%d in a row): micro-batch skipped", step, nonfinite_run)
                 if nonfinite_run >= cfg.run.max_nonfinite:
+                    tag = latest_tag(run_dir)
+                    last = f"last good checkpoint: {run_dir}/checkpoints/{tag}" if tag else "no checkpoint yet"
                     raise TrainingDiverged(
-                        f"loss was non-finite for {nonfinite_run} micro-batches in a row at step {step} "
-                        f"(last good checkpoint: {run_dir}/checkpoints/latest); lower optim.lr, "
-                        f"set optim.clip_grad_norm, or check the data"
+                        f"loss was non-finite for {nonfinite_run} micro-batches in a row at step {step} ({last}); "
+                        f"lower optim.lr, set optim.clip_grad_norm, or check the data"
                     )
             else:
                 nonfinite_run = 0
@@ -208,6 +213,15 @@ def check_config(cfg: TrainConfig, world_size: int) -> int:
     if cfg.model.text is not None and cfg.data.text.enabled:
         _check_tokenizer(cfg)
     return sum(s.samples or 0 for s in shards)
+
+
+def default_threads(loader_workers: int) -> int:
+    """Torch threads for one rank: the cores this process may use, shared among the ranks of this node, minus
+    the rank's loader workers (each keeps a core busy decoding), at least 1. More OpenMP threads than free cores
+    spin against each other and the workers: a step then takes several times longer."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, cores // max(local_ranks, 1) - loader_workers)
 
 
 def recipe_dict(cfg: TrainConfig) -> dict:

@@ -36,6 +36,7 @@ class RunConfig:
     max_nonfinite: int = 10  # consecutive non-finite losses before the run stops
     tensorboard: bool = True
     trace_samples: bool = False  # write <run>/trace/rank<r>.jsonl: sample ids per step + final weight checksum
+    threads: int | None = None  # torch threads per rank; None: this rank's share of the cores minus its loader workers
 
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name or self.name.startswith("."):
@@ -43,6 +44,8 @@ class RunConfig:
         for key in ("steps", "batch_size", "grad_accum", "log_every", "ckpt_every", "keep_ckpts", "max_nonfinite"):
             if getattr(self, key) < 1:
                 raise ValueError(f"run.{key} must be >= 1, got {getattr(self, key)}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"run.threads must be >= 1 (or null for the default), got {self.threads}")
         if self.zero_stage not in (0, 1, 2):
             raise ValueError(f"run.zero_stage must be 0, 1 or 2 (stage 3 is not supported), got {self.zero_stage}")
 

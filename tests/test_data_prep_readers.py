@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -270,3 +271,16 @@ def test_manifest_sidecar_warnings_and_messages_name_the_cli_flag(tmp_path):
         read_sources(tmp_path / "ann.json")
     with pytest.raises(ValueError, match="--videos-root"):
         read_sources(tmp_path, videos=tmp_path)
+
+
+def test_folder_scan_takes_every_video_container_and_lists_what_it_leaves_out(tmp_path):
+    for name in ("a.ogv", "c.mp4", "d.MTS", "e.wmv"):
+        _touch(tmp_path / name)
+    _touch(tmp_path / "b.m4a")  # audio only
+    _touch(tmp_path / "sub" / "cover.jpg")
+    (tmp_path / "c.srt").write_text("1\n00:00:00,000 --> 00:00:01,000\nhi\n")  # a sidecar, not a leftover
+    sources = read_sources(tmp_path)
+    assert [i.id for i in sources.items] == ["a", "c", "d", "e"]
+    left = {(Path(f.source).name, f.reason) for f in sources.failures}
+    assert left == {("b.m4a", "not_a_video_file"), ("cover.jpg", "not_a_video_file")}
+    assert all("manifest" in f.detail for f in sources.failures)

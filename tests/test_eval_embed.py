@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -130,6 +131,17 @@ def _embed_flush1(setup, out):
 def test_missing_directory_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="not a complete embedding directory"):
         read_embeddings(tmp_path)
+
+
+@pytest.mark.parametrize("value", [999, -1])
+def test_a_caption_pointing_outside_the_videos_is_one_line_naming_file_row_value(single, tmp_path, value):
+    damaged = tmp_path / "emb"
+    shutil.copytree(single.root, damaged)
+    rows = np.load(damaged / "caption_video.npy")
+    rows[3] = value
+    np.save(damaged / "caption_video.npy", rows)
+    with pytest.raises(ValueError, match=rf"caption_video\.npy: row 3 names video {value}, outside 0\.\.7"):
+        read_embeddings(damaged)
 
 
 def _rank_main(rank, world, setup, out, init):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import numpy as np
 
@@ -40,3 +41,11 @@ def test_quickstart_runs_every_stage_and_a_rerun_reuses_them(tmp_path, capsys, r
     again = json.loads((out / "quickstart.json").read_text())
     assert again["rows"] == rows
     assert (run_dir / "metrics.jsonl").stat().st_mtime == mtime  # no training step ran
+
+    # Interrupted before its first checkpoint (the run dir has a config and metrics, no checkpoint): a re-run
+    # starts the training over by itself instead of asking for --resume.
+    shutil.rmtree(run_dir / "checkpoints")
+    shutil.rmtree(run_dir / "export")
+    assert main(args) == 0
+    assert (run_dir / "checkpoints" / "step_00000004").is_dir()
+    assert json.loads((out / "quickstart.json").read_text())["rows"] == rows  # same seeds, same table

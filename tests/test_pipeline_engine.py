@@ -207,10 +207,21 @@ def test_partial_checkpoint_is_never_latest_and_old_ones_are_pruned(dist_info, t
 
 def test_run_dir_is_never_silently_reused(tmp_path):
     run_dir = ckpt.prepare_run_dir(tmp_path, "a", resume=False)
-    run_dir.mkdir()
+    (run_dir / "checkpoints" / "step_00000001").mkdir(parents=True)
     (run_dir / "config.yaml").write_text("run: {}\n")
     with pytest.raises(ValueError, match="already holds a run: pass --resume"):
         ckpt.prepare_run_dir(tmp_path, "a", resume=False)
+    with pytest.raises(ValueError, match="nothing to resume"):
+        ckpt.prepare_run_dir(tmp_path, "a", resume=True)
+
+
+def test_a_run_that_stopped_before_its_first_checkpoint_is_started_over(tmp_path):
+    run_dir = tmp_path / "a"
+    (run_dir / "tb").mkdir(parents=True)
+    (run_dir / "config.yaml").write_text("run: {}\n")
+    (run_dir / "metrics.jsonl").write_text('{"step": 1}\n')
+    assert ckpt.prepare_run_dir(tmp_path, "a", resume=False) == run_dir
+    assert not (run_dir / "metrics.jsonl").exists() and not (run_dir / "tb").exists()
     with pytest.raises(ValueError, match="nothing to resume"):
         ckpt.prepare_run_dir(tmp_path, "a", resume=True)
 

@@ -4,6 +4,7 @@ config errors before any work, export."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -105,8 +106,19 @@ def test_persistent_nan_stops_the_run_with_a_clear_message(dataset, tmp_path, mo
         return model
 
     monkeypatch.setattr(train_mod, "build_model", build_nan)
-    with pytest.raises(TrainingDiverged, match="non-finite for 2 micro-batches in a row at step 0"):
+    with pytest.raises(TrainingDiverged, match=r"non-finite for 2 micro-batches in a row at step 0 \(no checkpoint"):
         train(tiny_cfg(dataset, tmp_path, "run.steps=3", "run.max_nonfinite=2"))
+    monkeypatch.setattr(train_mod, "build_model", real_build)
+    summary = train(tiny_cfg(dataset, tmp_path, "run.steps=2"))  # the same command again: the failed start is redone
+    assert summary["step"] == 2 and [m["step"] for m in _metrics(Path(summary["run_dir"]))] == [1, 2]
+
+
+@pytest.mark.parametrize("value", ["nan", ".inf", "-.inf", "'inf'"])
+def test_non_finite_float_knobs_are_refused_naming_the_key(dataset, tmp_path, value):
+    with pytest.raises(ConfigError, match=r"optim\.lr: .* is not a finite number"):
+        tiny_cfg(dataset, tmp_path, f"optim.lr={value}")
+    with pytest.raises(ConfigError, match=r"data\.augment\.color_jitter: .* is not a finite number"):
+        tiny_cfg(dataset, tmp_path, f"data.augment.color_jitter={value}")
 
 
 def test_unknown_key_and_wrong_type_name_the_key(dataset, tmp_path):
@@ -159,3 +171,20 @@ def test_export_writes_fp32_safetensors_that_reload_to_the_trained_weights(datas
     saved = fp32_state_dict(run_dir / "checkpoints", latest_tag(run_dir))
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, saved[k], rtol=0, atol=0)
+
+
+def test_thread_count_comes_from_the_config_or_the_cores_left_by_loader_workers(dataset, tmp_path, monkeypatch):
+    from pipeline.train import default_threads
+
+    before = torch.get_num_threads()
+    try:
+        train(tiny_cfg(dataset, tmp_path, "run.steps=1", "run.threads=1"))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ConfigError, match="run.threads must be >= 1"):
+        tiny_cfg(dataset, tmp_path, "run.threads=0")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert default_threads(loader_workers=5) == 3  # 16 cores / 2 ranks - 5 workers
+    assert default_threads(loader_workers=12) == 1
