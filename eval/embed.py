@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
@@ -127,6 +128,7 @@ def embed_dataset(
     if (out / COMPLETE).is_file():
         log.info("%s is already complete; delete it to embed again", out)
         return {"rows": len(read_embeddings(out).meta), "embedded": 0, "resumed": 0, "seconds": 0.0}
+    merged = (out / embed_files.PENDING).is_file()  # an earlier run merged, then stopped in the last steps
     c = model.contracts
     pairs_text_in_loader = "text" in c and model.source == "exported"
     cfg = DataConfig(
@@ -142,19 +144,37 @@ def embed_dataset(
         expected = int(read_dataset_json(dataset)["samples"])
     info = {"checkpoint": model.path, "kind": model.source, "dataset": str(dataset), "windows": windows}
     info["world_size"] = world_size
-    summary = extract_embeddings(
-        model.module.to(device), loader, out, rank=rank, world_size=world_size, device=device,
-        expected=expected, info=info, total=len(loader),
-    )  # fmt: skip
+    summary = {"embedded": 0, "resumed": 0, "seconds": 0.0}
+    if not merged:
+        summary = extract_embeddings(
+            model.module.to(device), loader, out, rank=rank, world_size=world_size, device=device,
+            expected=expected, info=info, total=len(loader), complete=False,
+        )  # fmt: skip
     if loader.skipped:
         log.warning("rank %d: loader skipped samples: %s", rank, loader.skipped)
-    summary["skipped"] = dict(loader.skipped)
-    if rank == 0:
+    summary["skipped"] = _all_ranks_skipped(loader.skipped, world_size)
+    if rank == 0:  # the last steps, then the marker: an interrupted run never leaves a folder marked complete
         if model.source == "s3d_howto100m" and model.tokenize is not None:
             _embed_meta_captions(model, out)
         if "video" in c:
             add_window_times(out, dataset, cfg.num_frames / cfg.fps, windows)
+        extra = {"skipped": summary["skipped"]} if not merged else {}
+        embed_files.mark_complete(out, **extra)
+    _barrier(world_size)
     return summary
+
+
+def _all_ranks_skipped(skipped: dict[str, int], world_size: int) -> dict[str, int]:
+    """The loader's skip counts summed over ranks (every rank calls this)."""
+    if world_size == 1 or not dist.is_initialized():
+        return dict(skipped)
+    gathered: list = [None] * world_size
+    dist.all_gather_object(gathered, dict(skipped))
+    total: dict[str, int] = {}
+    for part in gathered:
+        for reason, n in part.items():
+            total[reason] = total.get(reason, 0) + int(n)
+    return total
 
 
 def add_window_times(out: str | Path, dataset: str | Path, clip_seconds: float, windows: int) -> None:
@@ -168,12 +188,15 @@ def add_window_times(out: str | Path, dataset: str | Path, clip_seconds: float, 
     out = Path(out)
     times: dict[int, tuple[float, float]] = {}
     for shard in sorted(Path(dataset, "shards").glob("*.tar")):
-        for _, m in iter_json_members(shard):
-            if "idx" not in m:
-                continue  # the loader skipped and counted it too
-            frames, fps = m.get("num_frames"), m.get("fps")
-            duration = frames / fps if frames and fps else float(m.get("duration") or 0.0)
-            times[int(m["idx"])] = (float(m.get("start") or 0.0), duration)
+        try:
+            for _, m in iter_json_members(shard):
+                if "idx" not in m:
+                    continue  # the loader skipped and counted it too
+                frames, fps = m.get("num_frames"), m.get("fps")
+                duration = frames / fps if frames and fps else float(m.get("duration") or 0.0)
+                times[int(m["idx"])] = (float(m.get("start") or 0.0), duration)
+        except ValueError as e:  # the loader counted this shard as bad_shard; its rows have no times
+            log.warning("window times: %s", e)
     path = out / "meta.jsonl"
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     for r in rows:
@@ -191,9 +214,10 @@ def add_window_times(out: str | Path, dataset: str | Path, clip_seconds: float, 
 
 def _embed_meta_captions(model: LoadedModel, out: Path) -> None:
     """For models whose tokeniser the loader does not know (the released S3D): embed meta.jsonl's captions."""
-    emb = read_embeddings(out)
-    texts = [c for m in emb.meta for c in m.get("captions") or []]
-    counts = [len(m.get("captions") or []) for m in emb.meta]
+    with open(out / "meta.jsonl", encoding="utf-8") as f:
+        meta = [json.loads(line) for line in f if line.strip()]
+    texts = [c for m in meta for c in m.get("captions") or []]
+    counts = [len(m.get("captions") or []) for m in meta]
     embed_files.save_array(out / "text@vt.npy", embed_texts(model, texts) if texts else np.zeros((0, 512)))
     np.save(out / "caption_video.npy", np.repeat(np.arange(len(counts)), counts).astype(np.int64))
 
@@ -210,8 +234,10 @@ def extract_embeddings(
     expected: int | None = None,
     info: dict | None = None,
     total: int | None = None,
+    complete: bool = True,
 ) -> dict:
-    """Embed every batch with `model` into `out` (this rank's part), then merge on rank 0.
+    """Embed every batch with `model` into `out` (this rank's part), then merge on rank 0 (`complete=False`:
+    the caller marks the directory complete itself, `embed_files.mark_complete`, after its own last steps).
 
     `batches` yields eval batches (pipeline.data.make_eval_loader). Call on every rank; ranks synchronise
     through torch.distributed when it is initialised. Returns a summary dict (rows, skipped, seconds).
@@ -243,7 +269,7 @@ def extract_embeddings(
     _barrier(world_size)
     summary = {"embedded": embedded, "resumed": skipped, "seconds": time.time() - t0}
     if rank == 0:
-        summary.update(merge_parts(out, expected=expected, info=info))
+        summary.update(merge_parts(out, expected=expected, info=info, complete=complete))
     _barrier(world_size)
     return summary
 

@@ -30,6 +30,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 COMPLETE = "embed.json"
+PENDING = "embed.pending.json"  # merged, but the embedding command's last steps have not finished
 _INDEX_KEYS = ("idx", "meta", "text_count")  # part members that are bookkeeping, not embeddings
 
 
@@ -93,6 +94,12 @@ def read_embeddings(root: str | Path) -> Embeddings:
         if rows != expect:
             raise ValueError(f"{root}/{name}.npy has {rows} rows, expected {expect}")
     info = json.loads((root / COMPLETE).read_text(encoding="utf-8"))
+    expected = info.get("expected")
+    if expected is not None and len(meta) < expected:
+        log.warning(
+            "%s covers %d of the %d samples of %s (skipped by the loader: %s): metrics describe those %d only",
+            root, len(meta), expected, info.get("dataset", "its dataset"), info.get("skipped") or "?", len(meta),
+        )  # fmt: skip
     return Embeddings(root, meta, arrays, caption_video, info)
 
 
@@ -130,8 +137,14 @@ def is_done(idx: np.ndarray, done: np.ndarray) -> np.ndarray:
     return done[pos] == idx
 
 
-def merge_parts(out: str | Path, *, expected: int | None = None, info: dict | None = None) -> dict:
-    """Merge `out/parts/*.npz` into the final files (rows sorted by idx, duplicates dropped), part by part."""
+def merge_parts(
+    out: str | Path, *, expected: int | None = None, info: dict | None = None, complete: bool = True
+) -> dict:
+    """Merge `out/parts/*.npz` into the final files (rows sorted by idx, duplicates dropped), part by part.
+
+    With `complete`, `embed.json` marks the directory complete; without, the summary waits in `embed.pending.json`
+    until the caller's own last steps are done and it calls `mark_complete`.
+    """
     out = Path(out)
     files = sorted((out / "parts").glob("rank*-*.npz"))
     if not files:
@@ -204,10 +217,20 @@ def merge_parts(out: str | Path, *, expected: int | None = None, info: dict | No
     _merge_meta_runs(runs, out / "meta.jsonl")
     if expected is not None and n != expected:
         log.warning("embedded %d samples but the dataset lists %d", n, expected)
-    summary = {"rows": int(n), "duplicates": dupes, "arrays": names}
-    (out / COMPLETE).write_text(json.dumps({**(info or {}), **summary}, indent=1), encoding="utf-8")
+    summary = {"rows": int(n), "duplicates": dupes, "arrays": names, "expected": expected}
+    (out / PENDING).write_text(json.dumps({**(info or {}), **summary}, indent=1), encoding="utf-8")
     shutil.rmtree(out / "parts")
+    if complete:
+        mark_complete(out)
     return summary
+
+
+def mark_complete(out: str | Path, **extra) -> None:
+    """Turn `embed.pending.json` (plus `extra` fields) into `embed.json`: the directory is complete."""
+    out = Path(out)
+    info = {**json.loads((out / PENDING).read_text(encoding="utf-8")), **extra}
+    (out / PENDING).write_text(json.dumps(info, indent=1), encoding="utf-8")
+    os.replace(out / PENDING, out / COMPLETE)
 
 
 def _merge_meta_runs(runs: list[Path], path: Path, fan_in: int = 128) -> None:

@@ -292,3 +292,40 @@ def test_window_times_use_the_loader_formula():
     assert eval_window_starts(10.0, 3.2, 4) == pytest.approx([0.0, 6.8 / 3, 2 * 6.8 / 3, 6.8])
     assert eval_window_starts(2.0, 3.2, 3) == [0.0, 0.0, 0.0]  # shorter than a clip: every window at 0
     assert eval_window_starts(10.0, 3.2, 0) == [0.0]  # one clip over the whole video
+
+
+def test_truncated_shard_embeds_the_rest_and_says_so_everywhere(setup, tmp_path, caplog):
+    data, export = setup
+    broken = tmp_path / "data"
+    shutil.copytree(data, broken)
+    shard = sorted((broken / "shards").glob("*.tar"))[1]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 3])
+    model = load_model(export, tokenizer=broken / "tokenizer.model")
+    summary = embed_dataset(model, broken, tmp_path / "emb", windows=WINDOWS, batch_size=3, num_workers=0)
+    assert summary["skipped"] == {"bad_shard": 1}
+    info = json.loads((tmp_path / "emb" / "embed.json").read_text())
+    assert info["expected"] == 8 and 6 <= info["rows"] < 8 and info["skipped"] == {"bad_shard": 1}
+    with caplog.at_level("WARNING"):
+        emb = read_embeddings(tmp_path / "emb")
+    assert f"covers {len(emb.meta)} of the 8 samples" in caplog.text and "bad_shard" in caplog.text
+    assert all("windows" in m for m in emb.meta)
+
+
+def test_a_failure_after_the_merge_leaves_no_complete_marker_and_a_rerun_finishes(setup, single, tmp_path, monkeypatch):
+    import eval.embed as E
+
+    def broken(*args, **kw):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(E, "add_window_times", broken)
+    with pytest.raises(OSError, match="disk full"):
+        embed(setup, tmp_path)
+    assert not (tmp_path / "embed.json").exists()
+    with pytest.raises(ValueError, match="not a complete embedding directory"):
+        read_embeddings(tmp_path)
+    monkeypatch.undo()
+    summary = embed(setup, tmp_path)
+    assert summary["embedded"] == 0  # the merged arrays were kept; only the last steps ran again
+    again = read_embeddings(tmp_path)
+    np.testing.assert_array_equal(again.arrays["video@va"], single.arrays["video@va"])
+    assert again.meta == single.meta
