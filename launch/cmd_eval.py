@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -94,14 +93,14 @@ def run_embed(args: argparse.Namespace) -> int:
     import torch
 
     from eval.embed import embed_dataset, load_model
+    from pipeline.engine import init_distributed, launch_env, resolve_device
 
-    rank, world, local = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
-    device = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        torch.cuda.set_device(local)
-        device = f"cuda:{local}"
-    if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    # The same start-up as training: torchrun / the deepspeed launcher, or srun's SLURM variables.
+    if int(launch_env()["WORLD_SIZE"]) > 1:
+        info = init_distributed(args.device)
+        rank, world, device = info.rank, info.world_size, str(info.device)
+    else:
+        rank, world, device = 0, 1, resolve_device(args.device)
     tokenizer = args.tokenizer or (Path(args.data) / "tokenizer.model")
     tokenizer = tokenizer if Path(tokenizer).is_file() else None
     words = {"max_words": args.max_words, "lowercase": not args.keep_case}

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -329,3 +331,34 @@ def test_a_failure_after_the_merge_leaves_no_complete_marker_and_a_rerun_finishe
     again = read_embeddings(tmp_path)
     np.testing.assert_array_equal(again.arrays["video@va"], single.arrays["video@va"])
     assert again.meta == single.meta
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(300)
+def test_vatp_embed_under_srun_maps_slurm_variables_like_training(setup, single, tmp_path):
+    """Two `vatp embed` processes started as srun starts them (SLURM_PROCID/LOCALID/NTASKS, MASTER_* from the
+    sbatch script, no RANK): they form one group, split the shards and merge what one process writes."""
+    import socket
+    import subprocess
+    import sys
+
+    data, export = setup
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    base = {k: v for k, v in os.environ.items() if k not in drop}
+    cmd = [sys.executable, "-m", "launch.cli", "embed", "--checkpoint", str(export), "--data", str(data),
+           "--out", str(tmp_path / "emb"), "--windows", str(WINDOWS), "--batch-size", "3", "--workers", "0",
+           "--device", "cpu"]  # fmt: skip
+    procs = [
+        subprocess.Popen(cmd, cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         env={**base, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r), "SLURM_NTASKS": "2",
+                              "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"})
+        for r in range(2)
+    ]  # fmt: skip
+    outs = [p.communicate(timeout=240)[0].decode() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    emb = read_embeddings(tmp_path / "emb")
+    assert emb.info["world_size"] == 2 and [m["idx"] for m in emb.meta] == [m["idx"] for m in single.meta]
+    np.testing.assert_allclose(emb.get("video@va"), single.get("video@va"), atol=2e-3)
