@@ -18,10 +18,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import platform
 import shutil
 import signal
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -126,6 +128,52 @@ def latest_tag(run_dir: str | Path) -> str | None:
     return tag
 
 
+def checkpoint_problem(tag_dir: Path) -> str | None:
+    """What is wrong with a saved checkpoint's files, or None: every `.pt` file must be a readable archive (a
+    truncated or overwritten file has no zip central directory). Opening the archive reads its index only."""
+    if not (tag_dir / META).is_file():
+        return f"{tag_dir} is not a complete checkpoint (missing {META})"
+    files = sorted(tag_dir.glob("*.pt"))
+    if not files:
+        return f"{tag_dir} holds no .pt files"
+    for path in files:
+        try:
+            with zipfile.ZipFile(path) as archive:
+                archive.infolist()
+        except (zipfile.BadZipFile, OSError, EOFError) as e:
+            return f"{path} is damaged ({e})"
+    return None
+
+
+def usable_tag(run_dir: str | Path, *, fall_back: bool) -> str:
+    """The checkpoint to load: `latest` when its files are whole. With `fall_back`, a damaged `latest` gives way
+    to the newest earlier whole checkpoint, with a warning naming the damaged one; otherwise it is a ValueError
+    naming the damaged file."""
+    ckpt_dir = Path(run_dir) / "checkpoints"
+    tag = latest_tag(run_dir)
+    if tag is None:
+        raise ValueError(f"no complete checkpoint under {ckpt_dir}")
+    problem = checkpoint_problem(ckpt_dir / tag)
+    if problem is None:
+        return tag
+    if not fall_back:
+        raise ValueError(problem)
+    older = sorted(
+        (p.name for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith("step_") and p.name < tag),
+        reverse=True,
+    )
+    for candidate in older:
+        if checkpoint_problem(ckpt_dir / candidate) is None:
+            log.warning("%s; resuming from the newest whole checkpoint before it, %s", problem, candidate)
+            return candidate
+    raise ValueError(f"{problem}, and no earlier checkpoint under {ckpt_dir} is whole: nothing to resume")
+
+
+def _refused(tag_dir: Path, e: Exception) -> str:
+    first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+    return f"{tag_dir}: refused to load it: it holds objects other than tensors and plain data ({first})"
+
+
 def save_checkpoint(
     engine: Any,
     run_dir: Path,
@@ -159,10 +207,9 @@ def save_checkpoint(
 
 
 def load_checkpoint(engine: Any, run_dir: Path, *, rank: int, world_size: int) -> tuple[str, dict, dict]:
-    """Load `latest` into `engine` (weights, optimizer, scheduler) and return `(tag, client_state, rank_state)`."""
-    tag = latest_tag(run_dir)
-    if tag is None:
-        raise ValueError(f"no complete checkpoint under {run_dir}/checkpoints")
+    """Load `latest` (or, when its files are damaged, the newest whole checkpoint before it: `usable_tag`) into
+    `engine` (weights, optimizer, scheduler) and return `(tag, client_state, rank_state)`."""
+    tag = usable_tag(run_dir, fall_back=True)
     ckpt_dir = run_dir / "checkpoints"
     meta = json.loads((ckpt_dir / tag / META).read_text(encoding="utf-8"))
     if meta["world_size"] != world_size:
@@ -170,10 +217,13 @@ def load_checkpoint(engine: Any, run_dir: Path, *, rank: int, world_size: int) -
             f"{ckpt_dir / tag} was saved by {meta['world_size']} ranks, this run has {world_size}: convert it with "
             f"`python -m deepspeed.checkpoint.ds_to_universal` (docs/training.md) or launch {meta['world_size']} ranks"
         )
-    path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+    try:
+        path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+        rank_state = torch.load(ckpt_dir / tag / f"vatp_rank{rank:05d}.pt", map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # weights_only refused something no checkpoint of ours contains
+        raise ValueError(_refused(ckpt_dir / tag, e)) from None
     if path is None:
         raise ValueError(f"DeepSpeed could not load {ckpt_dir / tag}")
-    rank_state = torch.load(ckpt_dir / tag / f"vatp_rank{rank:05d}.pt", map_location="cpu", weights_only=True)
     return tag, client_state[CLIENT_KEY], rank_state
 
 
@@ -233,8 +283,15 @@ def export_run(run_dir: str | Path, *, tag: str | None = None, out_dir: str | Pa
     tag = tag or latest_tag(run_dir)
     if tag is None or not (run_dir / "checkpoints" / tag / META).is_file():
         raise ValueError(f"{run_dir}: no complete checkpoint {tag or '(latest)'} to export")
+    problem = checkpoint_problem(run_dir / "checkpoints" / tag)
+    if problem is not None:
+        raise ValueError(f"{problem}: export an earlier checkpoint with --tag, or resume the run to save a new one")
     model = build_model(cfg.model)
-    missing, unexpected = model.load_state_dict(fp32_state_dict(run_dir / "checkpoints", tag), strict=False)
+    try:
+        weights = fp32_state_dict(run_dir / "checkpoints", tag)
+    except pickle.UnpicklingError as e:
+        raise ValueError(_refused(run_dir / "checkpoints" / tag, e)) from None
+    missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise ValueError(f"{run_dir}/checkpoints/{tag} does not match config.yaml: missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]}")  # fmt: skip

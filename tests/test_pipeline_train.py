@@ -188,3 +188,31 @@ def test_thread_count_comes_from_the_config_or_the_cores_left_by_loader_workers(
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     assert default_threads(loader_workers=5) == 3  # 16 cores / 2 ranks - 5 workers
     assert default_threads(loader_workers=12) == 1
+
+
+def test_damaged_latest_checkpoint_resumes_from_the_one_before_and_export_names_the_file(dataset, tmp_path, caplog):
+    first = train(tiny_cfg(dataset, tmp_path, "run.steps=4", "run.ckpt_every=2"))
+    run_dir = Path(first["run_dir"])
+    broken = run_dir / "checkpoints" / "step_00000004" / "mp_rank_00_model_states.pt"
+    broken.write_bytes(broken.read_bytes()[: broken.stat().st_size // 2])  # cut in half
+    with pytest.raises(ValueError, match=r"mp_rank_00_model_states\.pt is damaged"):
+        export_run(run_dir)
+    assert export_run(run_dir, tag="step_00000002").is_dir()  # an earlier one still exports
+    with caplog.at_level("WARNING"):
+        second = train(load_train_config(run_dir / "config.yaml", ["run.steps=5"]), resume=True)
+    assert "step_00000004/mp_rank_00_model_states.pt is damaged" in caplog.text and "step_00000002" in caplog.text
+    assert second["step"] == 5
+    starts = [t["start_step"] for t in _trace(run_dir) if "start_step" in t]
+    assert starts == [0, 2]  # resumed from step 2, then re-did steps 3-5
+
+
+def test_a_checkpoint_holding_foreign_objects_is_refused_in_one_line(dataset, tmp_path):
+    first = train(tiny_cfg(dataset, tmp_path, "run.steps=2", "run.ckpt_every=2"))
+    run_dir = Path(first["run_dir"])
+    target = run_dir / "checkpoints" / "step_00000002" / "mp_rank_00_model_states.pt"
+    torch.save({"module": {"w": torch.zeros(1)}, "payload": Exception("not a tensor")}, target)
+    with pytest.raises(ValueError, match="refused to load it: it holds objects other than tensors") as e:
+        train(load_train_config(run_dir / "config.yaml", ["run.steps=3"]), resume=True)
+    assert "\n" not in str(e.value) and "weights_only=False" not in str(e.value)
+    with pytest.raises(ValueError, match="refused to load it"):
+        export_run(run_dir)
