@@ -1,4 +1,6 @@
-"""Audio for the loader: decode FLAC/WAV bytes, cut the window aligned with a video clip, log-mel, augment.
+"""Audio for the loader: decode FLAC/WAV bytes, cut the window aligned with a video clip, log-mel.
+
+Augmentation (gain, SpecAugment) is drawn in the worker and applied batched by `pipeline.augment`.
 
 Alignment is by time, never by sample counts of a decoded stream: a window starting at `start` seconds
 starts at sample `round(start * sample_rate)` of the shard's audio, which data_prep wrote from the same
@@ -158,40 +160,6 @@ def _reflect_frames(x: np.ndarray, win: int, hop: int) -> np.ndarray:
 def silent_log_mel(num_mel_bins: int, num_frames: int) -> torch.Tensor:
     """The spectrogram of a silent source: zeros `(1, F, Ta)` (has_audio=False marks it)."""
     return torch.zeros(1, num_mel_bins, num_frames)
-
-
-def volume_jitter(wav: np.ndarray, amount: float, rng: np.random.Generator) -> np.ndarray:
-    """Scale the waveform by a gain drawn from U(1 - amount, 1 + amount) (GDT uses 0.1)."""
-    if amount <= 0:
-        return wav
-    return wav * np.float32(rng.uniform(1 - amount, 1 + amount))
-
-
-def spec_augment(
-    spec: torch.Tensor,
-    rng: np.random.Generator,
-    freq_masks: int = 1,
-    freq_width: int = 3,
-    time_masks: int = 1,
-    time_width: int = 6,
-) -> torch.Tensor:
-    """Zero `freq_masks` bands of width < `freq_width` and `time_masks` spans of width < `time_width`.
-
-    GDT's "medium" preset (no time warp); masks are set to 0 as there. Uses `rng`, not torch's global RNG,
-    so views stay reproducible under any worker layout.
-    """
-    spec = spec.clone()
-    view = spec.numpy()  # shares memory; numpy slicing costs a fraction of torch indexing on a small tensor
-    _, f, t = spec.shape
-    for _ in range(freq_masks):
-        w = int(rng.integers(0, freq_width))
-        f0 = int(rng.integers(0, max(f - w, 0) + 1))
-        view[:, f0 : f0 + w, :] = 0
-    for _ in range(time_masks):
-        w = int(rng.integers(0, time_width))
-        t0 = int(rng.integers(0, max(t - w, 0) + 1))
-        view[:, :, t0 : t0 + w] = 0
-    return spec
 
 
 def resample(wav: np.ndarray, orig: int, new: int) -> np.ndarray:
