@@ -1,8 +1,9 @@
 """Streaming loaders: WebDataset shards -> checked samples -> views -> batches, as a visible list of stages.
 
-`make_train_loader(cfg, rank=, world_size=, seed=)` and `make_eval_loader(cfg, rank=, world_size=)` return a
-`Loader`: iterable over batch dicts (DESIGN.md "Batches"), with `num_batches`, `skipped`, `set_epoch`,
-`state_dict` / `load_state_dict`. Two modes:
+`make_train_loader(cfg, rank=, world_size=, seed=, device=)` and `make_eval_loader(cfg, rank=, world_size=)`
+return a `Loader`: iterable over batch dicts (DESIGN.md "Batches"), with `to_device` (the copy and the batched
+augmentation step, `pipeline.augment`), `num_batches`, `skipped`, `set_epoch`, `state_dict` / `load_state_dict`.
+Two modes:
 - resampled (training default): each (rank, worker) draws shards with replacement, weighted by dataset, from
   an RNG seeded by (seed, epoch, resume point, rank, worker), and yields a fixed number of full batches, so
   every rank takes the same number of steps;
