@@ -256,6 +256,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="alternations of bare decoding and the loader")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--worker-start", default="fork", choices=["fork", "forkserver", "spawn"])
+    ap.add_argument("--decoder", default="decord", choices=["decord", "pyav"], help="the loader's decoder")
     ap.add_argument("--audio-format", default="wav", choices=["flac", "wav"], help="audio of the synth dataset")
     args = ap.parse_args()
     frames, size, fps = args.clip
@@ -272,6 +273,7 @@ def main() -> None:
             text=TextConfig(enabled=args.views == "milnce", num_captions=4, tokenizer=str(dataset / "tokenizer.model")),
             augment=AugmentConfig(where="device"),
             worker_start=args.worker_start,
+            decoder=args.decoder,
         )
         contracts = dict(
             video=VideoInput(frames, size, fps), audio=AudioInput(16000, 40, frames / fps), text=TextInput(16, 1000)
@@ -300,7 +302,7 @@ def main() -> None:
         f"batch {args.batch_size}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}"
     )
     print(f"bare decode (decord get_batch, same frames)     {decode * 1e3:7.2f} ms CPU per clip")
-    print(f"loader worker, 1 worker                        {one['worker_cpu'] * 1e3:7.2f} ms CPU per clip")
+    print(f"loader worker ({args.decoder}), 1 worker           {one['worker_cpu'] * 1e3:7.2f} ms CPU per clip")
     print(f"worker CPU per clip / bare decode CPU per clip: {one['worker_cpu'] / decode:.2f}   (goal <= 1.15)")
     print(f"augmentation step on this CPU (one thread)      {step_ms:7.2f} ms per clip")
     if gpu_ms is not None:
