@@ -417,7 +417,7 @@ class VideoBuffers:
     Not pooled (the batch is augmented right after collation, in the same process): one buffer, reused at once.
     """
 
-    SLOTS = 4  # two prefetched batches per worker, one being pinned or consumed, one spare
+    SLOTS = 3  # the DataLoader's two prefetched batches per worker and the one being consumed
 
     def __init__(self, workers: int, pooled: bool):
         self.pooled = pooled
