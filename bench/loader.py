@@ -61,7 +61,7 @@ def parse_clip(text: str) -> tuple[int, int, float]:
     return int(m[1]), int(m[2]), float(m[3])
 
 
-def build_dataset(root: Path, short_side: int, fps: float, audio_format: str) -> Path:
+def build_dataset(root: Path, short_side: int, fps: float, audio_format: str, videos: int = 16) -> Path:
     from data_prep.build import build_dataset as build
     from data_prep.synth import make_synth_corpus
     from data_prep.tokenizer import train_tokenizer
@@ -69,7 +69,7 @@ def build_dataset(root: Path, short_side: int, fps: float, audio_format: str) ->
     long_side = round(short_side * 16 / 9)
     make_synth_corpus(
         root / "synth",
-        videos=16,
+        videos=videos,
         seed=0,
         seconds=8.0,
         width=long_side + long_side % 2,
@@ -252,6 +252,7 @@ def main() -> None:
     ap.add_argument("--audio", action="store_true", help="load audio too (milnce_s3d trains without)")
     ap.add_argument("--model", help="video variant for the FLOPs (default: s3d, r2plus1d_18 for GDT views)")
     ap.add_argument("--dataset", type=Path, help="a built dataset dir (default: build a synth one in a temp dir)")
+    ap.add_argument("--videos", type=int, default=16, help="videos in the synth dataset it builds")
     ap.add_argument("--clips", type=int, default=512, help="clips per measurement")
     ap.add_argument("--rounds", type=int, default=3, help="alternations of bare decoding and the loader")
     ap.add_argument("--batch-size", type=int, default=8)
@@ -263,7 +264,9 @@ def main() -> None:
     model = args.model or ("r2plus1d_18" if args.views == "gdt" else "s3d")
     torch.set_num_threads(1)  # the loop, each DataLoader worker and the augmentation step get one core
     with tempfile.TemporaryDirectory() as tmp:
-        dataset = args.dataset or build_dataset(Path(tmp), args.source_short_side, args.source_fps, args.audio_format)
+        dataset = args.dataset or build_dataset(
+            Path(tmp), args.source_short_side, args.source_fps, args.audio_format, args.videos
+        )
         base = DataConfig(
             datasets=[DatasetSource(str(dataset))],
             views=args.views,
