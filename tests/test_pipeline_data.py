@@ -238,9 +238,7 @@ def test_video_buffers_are_reused_only_after_to_device_released_them(tiny_datase
     loader = make_train_loader(cfg, rank=0, world_size=1, seed=0)
     held = [(b, b["video"].clone()) for b in loader]  # raw batches kept, never released
     assert len(held) == 8
-    assert [b["_buffer"][1].item() for b, _ in held[:3]] == [0, 1, 2] and all(
-        "_buffer" not in b for b, _ in held[3:]
-    )
+    assert [b["_buffer"][1].item() for b, _ in held[:3]] == [0, 1, 2] and all("_buffer" not in b for b, _ in held[3:])
     assert all(torch.equal(b["video"], copy) for b, copy in held)  # nothing was overwritten
     loader.close()
     slots, fresh = [], make_train_loader(cfg, rank=0, world_size=1, seed=0)
