@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from models.contracts import normalize_video
 from pipeline.audio import LOG_EPS
+from pipeline.video import center_box
 
 if TYPE_CHECKING:
     from pipeline.data_config import AugmentConfig, DataConfig
@@ -32,6 +33,12 @@ SPEC_FREQ_WIDTH, SPEC_TIME_WIDTH = 3, 6  # GDT's "medium" SpecAugment: one mask 
 
 
 # ---- worker side: draw the parameters of one view
+
+
+def center_square(height: int, width: int) -> tuple[int, int, int, int]:
+    """The box `(top, left, h, w)` of the centred square of the short side."""
+    side = min(height, width)
+    return (*center_box(height, width, side), side, side)
 
 
 def draw_box(
@@ -49,8 +56,7 @@ def draw_box(
         w, h = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
         if 0 < w <= width and 0 < h <= height:
             return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
-    side = min(height, width)
-    return (height - side) // 2, (width - side) // 2, side, side
+    return center_square(height, width)
 
 
 def draw_video_view(
@@ -62,9 +68,8 @@ def draw_video_view(
     unjittered: the device step then only resizes and normalises.
     """
     if rng is None or not aug.enabled:
-        side = min(height, width)
-        box = ((height - side) // 2, (width - side) // 2, side, side)
-        return box, np.array([side, side, 0, 1, 1, 1], dtype=np.float32)
+        box = center_square(height, width)
+        return box, np.array([box[2], box[3], 0, 1, 1, 1], dtype=np.float32)
     box = draw_box(height, width, rng, aug.crop_scale)
     flip = aug.flip and rng.random() < 0.5
     s = aug.color_jitter
