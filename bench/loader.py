@@ -106,7 +106,7 @@ def read_samples(dataset: Path) -> list[dict]:
 def plain_loop(cfg: DataConfig, raws: list[dict], clips: int) -> dict:
     """The per-sample function in a loop (read from memory) plus collation, one row per batch; also records
     which frames each clip decoded, for the bare-decode loop, and times audio and text."""
-    from data_prep.tokenizer import load_tokenizer
+    from pipeline.dataset import load_tokenizer
 
     tok = load_tokenizer(cfg.text.tokenizer)
     check = CheckSample(cfg, {})

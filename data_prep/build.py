@@ -24,20 +24,13 @@ from data_prep.captions import clip_captions
 from data_prep.plan import WORKER_CRASHED, Chunk, Plan, make_plan
 from data_prep.pool import CrashSafePool
 from data_prep.readers import read_sources
-from data_prep.shards import (
-    FORMAT_NAME,
-    FORMAT_VERSION,
-    encode_sample_json,
-    sample_key,
-    shard_name,
-    write_json_atomic,
-    write_shard,
-)
+from data_prep.shards import encode_sample_json, write_json_atomic, write_shard
 from data_prep.sources import Failure, SourceItem
+from pipeline.dataset import AUDIO_MEMBERS, FORMAT_NAME, FORMAT_VERSION, sample_key, shard_name
 
 log = logging.getLogger(__name__)
 
-AUDIO_FORMATS = ("flac", "wav")
+AUDIO_FORMATS = AUDIO_MEMBERS
 AUDIO_MISALIGNED = "audio_misaligned"  # kept: the chunk's audio did not cover its video, so it was dropped
 BAD_AUDIO = "bad_audio"  # kept: the audio track failed to transcode, so the chunk has none
 AUDIO_TOLERANCE_S = 0.1  # |audio - video| seconds allowed, + 1.5 frames (the video ends on a frame boundary)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import soundfile
 from tqdm import tqdm
 
 from data_prep.build import AUDIO_TOLERANCE_S
-from data_prep.shards import read_dataset_json
+from pipeline.dataset import AUDIO_MEMBERS, iter_tar_members, read_dataset_json, sample_key, split_member
 
 SAMPLE_FIELDS = {
     "id": str,
@@ -31,7 +30,6 @@ SAMPLE_FIELDS = {
     "label": (str, type(None)),
     "split": (str, type(None)),
 }
-AUDIO_EXTENSIONS = ("flac", "wav")
 FRAME_TOLERANCE = 1  # decoded frames may differ from num_frames by this much
 
 
@@ -171,15 +169,19 @@ def _read_shard(path: Path, report: InspectReport) -> dict[str, dict[str, bytes]
         report.errors.append(f"{path.name}: listed in dataset.json but missing")
         return None
     samples: dict[str, dict[str, bytes]] = {}
+
+    def format_member(name: str) -> bool:  # the reader the loader uses; a foreign member is reported, not read
+        if split_member(name) is None:
+            report.errors.append(f"{path.name}: member {name!r} is not part of the format (no reader opens it)")
+            return False
+        return True
+
     try:
-        with tarfile.open(path, mode="r:") as tar:
-            for member in tar:
-                if not member.isfile():
-                    report.errors.append(f"{path.name}: non-file member {member.name!r}")
-                    continue
-                key, _, ext = member.name.partition(".")
-                samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
-    except (tarfile.TarError, OSError) as e:
+        with open(path, "rb") as stream:
+            for name, data in iter_tar_members(stream, format_member):
+                key, ext = split_member(name)
+                samples.setdefault(key, {})[ext] = data
+    except (ValueError, OSError) as e:
         report.errors.append(f"{path.name}: unreadable tar ({e})")
         return None
     return samples
@@ -217,9 +219,9 @@ def _check_sample(where: str, key: str, files: dict[str, bytes], report, meta: d
 
 def _semantic_problems(key: str, files: dict[str, bytes], sample: dict, meta: dict) -> list[str]:
     problems = []
-    if key != f"{sample['idx']:09d}":
+    if key != sample_key(sample["idx"]):
         problems.append(f"key {key} does not match idx {sample['idx']}")
-    audio = [ext for ext in AUDIO_EXTENSIONS if ext in files]
+    audio = [ext for ext in AUDIO_MEMBERS if ext in files]
     if sample["has_audio"] and not audio:
         problems.append("has_audio is true but there is no audio member")
     if not sample["has_audio"] and audio:
@@ -251,7 +253,7 @@ def _decode_sample(where: str, files: dict[str, bytes], sample: dict, report: In
         report.errors.append(f"{where}.mp4: {n} frames, json says {sample['num_frames']}")
     if (width, height) != (sample["width"], sample["height"]):
         report.errors.append(f"{where}.mp4: {width}x{height}, json says {sample['width']}x{sample['height']}")
-    for ext in AUDIO_EXTENSIONS:
+    for ext in AUDIO_MEMBERS:
         if ext in files:
             try:
                 audio, rate = soundfile.read(io.BytesIO(files[ext]), dtype="int16")

@@ -1,4 +1,4 @@
-"""A sentencepiece tokenizer trained on a built dataset's captions, and batch encoding for the loader.
+"""A sentencepiece tokenizer trained on a built dataset's captions (loading and encoding: `pipeline/dataset.py`).
 
 Training reads only the `<key>.json` members of the shards (stdlib `tarfile` + `json.loads`, nothing
 unpickled), trains single-threaded with a fixed seed and no input shuffling, so the same dataset gives
@@ -14,15 +14,12 @@ import os
 from pathlib import Path
 
 import sentencepiece as spm
-import torch
 from tqdm import tqdm
 
-from data_prep.shards import iter_json_members
+from pipeline.dataset import PAD_ID, TOKENIZER_NAME, UNK_ID, iter_json_members, shard_paths
 
 log = logging.getLogger(__name__)
 
-TOKENIZER_NAME = "tokenizer.model"
-PAD_ID, UNK_ID = 0, 1
 MAX_SENTENCES = 5_000_000  # input_sentence_size: bounds the trainer's memory on huge corpora
 MODEL_TYPES = ("unigram", "bpe", "word", "char")
 
@@ -30,7 +27,7 @@ MODEL_TYPES = ("unigram", "bpe", "word", "char")
 def train_tokenizer(
     dataset_dir: str | Path, *, vocab_size: int = 8000, model_type: str = "unigram", seed: int = 0
 ) -> Path:
-    """Train sentencepiece on every caption in `<dataset_dir>/shards/*.tar`; writes `<dataset_dir>/tokenizer.model`.
+    """Train sentencepiece on every caption in the shards of `dataset.json`; writes `<dataset_dir>/tokenizer.model`.
 
     `vocab_size` is an upper bound (small corpora give fewer pieces). Raises ValueError when the
     dataset has no shards or no caption text.
@@ -40,9 +37,9 @@ def train_tokenizer(
         raise ValueError(f"model_type {model_type!r} is not one of {MODEL_TYPES}")
     if vocab_size < 3:
         raise ValueError(f"vocab_size {vocab_size} is too small (at least 3: <pad>, <unk> and one piece)")
-    shards = sorted((dataset / "shards").glob("*.tar"))
+    shards = shard_paths(dataset)
     if not shards:
-        raise ValueError(f"{dataset}: no shards/*.tar (is this a dataset built by `vatp data build`?)")
+        raise ValueError(f"{dataset}: dataset.json lists no shards")
     texts, stats = _read_captions(shards)
     if not texts:
         raise ValueError(
@@ -100,30 +97,3 @@ def _read_captions(shards: list[Path]) -> tuple[list[str], dict[str, int]]:
                 if isinstance(text, str) and text.strip():
                     texts.append(" ".join(text.split()))  # a newline would split one sentence in two
     return texts, {"samples": samples, "bad_json": len(bad)}
-
-
-def load_tokenizer(path: str | Path) -> spm.SentencePieceProcessor:
-    """Load a `tokenizer.model` (or the one inside a dataset directory); it must use pad id 0."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / TOKENIZER_NAME
-    if not path.is_file():
-        raise ValueError(f"tokenizer not found: {path} (train one with `vatp data tokenizer <dataset>`)")
-    tok = spm.SentencePieceProcessor(model_file=str(path))
-    if tok.pad_id() != PAD_ID:
-        raise ValueError(f"{path}: pad id is {tok.pad_id()}, expected {PAD_ID} (train it with `vatp data tokenizer`)")
-    return tok
-
-
-def encode_batch(
-    tok: spm.SentencePieceProcessor, texts: list[str], max_tokens: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids int64 (N, max_tokens), right-padded with 0 and truncated, and the bool mask of real tokens."""
-    if max_tokens < 1:
-        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
-    ids = torch.full((len(texts), max_tokens), PAD_ID, dtype=torch.int64)  # (N, L)
-    # One thread: the loader already runs one worker per core, and the thread pool costs more than it saves.
-    for row, pieces in enumerate(tok.encode(list(texts), num_threads=1) if texts else []):
-        pieces = pieces[:max_tokens]
-        ids[row, : len(pieces)] = torch.tensor(pieces, dtype=torch.int64)
-    return ids, ids != PAD_ID

@@ -21,9 +21,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data_prep.shards import iter_json_members, read_dataset_json
 from eval import embed_files
 from eval.embed_files import COMPLETE, Embeddings, merge_parts, read_embeddings
+from pipeline.dataset import encode_batch, iter_json_members, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +77,6 @@ def load_model(
     contracts = model.input_contracts()
     tok = None
     if "text" in contracts and tokenizer is not None:
-        from data_prep.tokenizer import encode_batch, load_tokenizer
-
         sp, max_tokens = load_tokenizer(tokenizer), contracts["text"].max_tokens
         tok = functools.partial(encode_batch, sp, max_tokens=max_tokens)
     return LoadedModel(model, contracts, tok, "exported", str(checkpoint))
@@ -119,7 +117,7 @@ def embed_dataset(
     data_overrides: dict | None = None,
 ) -> dict:
     """Embed every sample of `dataset` with `model` into `out` (see the module docstring); call on every rank."""
-    from pipeline.data import make_eval_loader
+    from pipeline.data import make_eval_loader, resolve_shards
     from pipeline.data_config import DataConfig, DatasetSource, resolve_inputs
 
     out = Path(out)
@@ -139,9 +137,8 @@ def embed_dataset(
     cfg.text.enabled = pairs_text_in_loader
     cfg = resolve_inputs(cfg, video=c.get("video"), audio=c.get("audio"), text=c.get("text"))
     loader = make_eval_loader(cfg, rank=rank, world_size=world_size)
-    expected = None
-    if Path(dataset, "dataset.json").is_file():
-        expected = int(read_dataset_json(dataset)["samples"])
+    sizes = [shard.samples for shard in resolve_shards(cfg.datasets)]
+    expected = None if None in sizes else sum(sizes)
     info = {"checkpoint": model.path, "kind": model.source, "dataset": str(dataset), "windows": windows}
     info["world_size"] = world_size
     summary = {"embedded": 0, "resumed": 0, "seconds": 0.0}
@@ -183,13 +180,15 @@ def add_window_times(out: str | Path, dataset: str | Path, clip_seconds: float, 
     Window starts follow the loader's eval views: `windows` evenly spaced over the sample, clip_seconds long.
     Reads only the shards' `.json` members.
     """
+    from pipeline.data import resolve_shards
+    from pipeline.data_config import DatasetSource
     from pipeline.views import eval_window_starts
 
     out = Path(out)
     times: dict[int, tuple[float, float]] = {}
-    for shard in sorted(Path(dataset, "shards").glob("*.tar")):
+    for shard in resolve_shards([DatasetSource(str(dataset))]):
         try:
-            for _, m in iter_json_members(shard):
+            for _, m in iter_json_members(shard.url):
                 if "idx" not in m:
                     continue  # the loader skipped and counted it too
                 frames, fps = m.get("num_frames"), m.get("fps")

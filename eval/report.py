@@ -4,7 +4,7 @@
     <out>/media/<idx>.gif   animated preview (or .jpg thumbnail) of each shown video, decoded from the shards
     <out>/media/<idx>.flac  the video's audio track, copied from the shard (played by an <audio> element)
 
-Media are read from the dataset's tars by explicit member extension (.mp4, .flac, .wav, .json) only.
+Media are read from the shards `dataset.json` lists, by the format's member extensions only (`pipeline.dataset`).
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import html
 import io
 import json
 import logging
-import tarfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from eval.embed import Embeddings
+from pipeline.dataset import JSON_MEMBER, VIDEO_MEMBER, iter_tar_members, shard_paths, split_member
 
 log = logging.getLogger(__name__)
 
@@ -133,21 +133,24 @@ def _metrics_table(metrics: dict) -> str:
 
 def export_media(dataset: str | Path, wanted: set[int], media: Path, preview: str = "gif") -> dict[int, dict]:
     """Previews and audio of samples `wanted` (by idx) from the dataset's shards: {idx: {"image", "audio"}}."""
-    shards = sorted(Path(dataset, "shards").glob("*.tar"))
+    shards = shard_paths(dataset)
     if not shards:
-        raise ValueError(f"{dataset}: no shards/*.tar to read previews from")
+        raise ValueError(f"{dataset}: dataset.json lists no shards to read previews from")
+
+    def media_member(name: str) -> bool:  # the video or audio of a wanted sample; nothing else is read
+        key_ext = split_member(name)
+        if key_ext is None or key_ext[1] == JSON_MEMBER:
+            return False
+        key = key_ext[0].rpartition("/")[2]
+        return key.isdigit() and int(key) in wanted
+
     found: dict[int, dict] = {}
     for shard in tqdm(shards, desc="report media", unit="shard", disable=len(shards) < 4):
-        with tarfile.open(shard, "r:") as tar:
-            for member in tar:
-                key, _, ext = member.name.rpartition("/")[2].partition(".")
-                if not member.isfile() or ext not in ("mp4", "flac", "wav") or not key.isdigit():
-                    continue
-                idx = int(key)
-                if idx not in wanted:
-                    continue
-                data = tar.extractfile(member).read()
-                if ext == "mp4":
+        with open(shard, "rb") as stream:
+            for name, data in iter_tar_members(stream, media_member):
+                key, ext = split_member(name)
+                idx = int(key.rpartition("/")[2])
+                if ext == VIDEO_MEMBER:
                     try:
                         name = f"{idx}.{preview}"
                         write_preview(data, media / name, animated=preview == "gif")

@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.dataset import TOKENIZER_NAME
+
 log = logging.getLogger(__name__)
 
 RECIPE = Path(__file__).parent / "configs" / "quickstart.yaml"
@@ -34,8 +36,9 @@ def quickstart(out: str | Path, *, videos: int | None = None, steps: int | None 
     """Run the quickstart in `out`; return (and print) the comparison table's numbers."""
     from data_prep.build import build_dataset
     from data_prep.synth import make_synth_corpus
-    from data_prep.tokenizer import load_tokenizer, train_tokenizer
+    from data_prep.tokenizer import train_tokenizer
     from pipeline.checkpoint import export_run, latest_tag
+    from pipeline.dataset import load_tokenizer
     from pipeline.train import train
     from pipeline.train_config import load_train_config
 
@@ -49,11 +52,12 @@ def quickstart(out: str | Path, *, videos: int | None = None, steps: int | None 
     for split, target in (("train", train_dir), ("test", test_dir)):
         if not (target / "dataset.json").is_file():
             build_dataset(out / "synth", target, split=split, workers=2, **BUILD)
-    if not (train_dir / "tokenizer.model").is_file():
+    tokenizer = train_dir / TOKENIZER_NAME
+    if not tokenizer.is_file():
         # BPE: whole-word pieces; unigram splits even frequent words on a corpus this small (docs/data-prep.md)
         train_tokenizer(train_dir, vocab_size=VOCAB, model_type="bpe")
-    shutil.copyfile(train_dir / "tokenizer.model", test_dir / "tokenizer.model")  # held-out text, training vocab
-    pieces = load_tokenizer(train_dir / "tokenizer.model").get_piece_size()
+    shutil.copyfile(tokenizer, test_dir / TOKENIZER_NAME)  # held-out text, training vocab
+    pieces = load_tokenizer(tokenizer).get_piece_size()
     timings["data_s"] = time.perf_counter() - t0
 
     # ---- train (or resume, or reuse a finished run)
@@ -69,7 +73,7 @@ def quickstart(out: str | Path, *, videos: int | None = None, steps: int | None 
         train(cfg, resume=tag is not None)
     timings["train_s"] = time.perf_counter() - t1
     trained_dir = export_run(run_dir)
-    random_dir = export_random_init(cfg, run_dir / "random_init", tokenizer=train_dir / "tokenizer.model")
+    random_dir = export_random_init(cfg, run_dir / "random_init", tokenizer=tokenizer)
 
     # ---- evaluate both on the held-out split
     rows = {}
@@ -100,7 +104,7 @@ def export_random_init(cfg, out_dir: Path, *, tokenizer: Path, calibration_batch
     data_cfg = dataclasses.replace(cfg.data, batch_size=cfg.run.batch_size)
     calibrate_batchnorm(model, data_cfg, batches=calibration_batches)
     save_exported(model, cfg.model, out_dir)
-    shutil.copyfile(tokenizer, out_dir / "tokenizer.model")
+    shutil.copyfile(tokenizer, out_dir / TOKENIZER_NAME)
     return out_dir
 
 
@@ -138,7 +142,7 @@ def evaluate(model_dir: Path, dataset: Path, emb_dir: Path, space: str = "vt", r
     from eval.report import write_report
     from eval.retrieval import retrieval_metrics
 
-    model = load_model(model_dir, tokenizer=model_dir / "tokenizer.model")
+    model = load_model(model_dir, tokenizer=model_dir / TOKENIZER_NAME)
     shards = len(json.loads((dataset / "dataset.json").read_text(encoding="utf-8"))["shards"])
     embed_dataset(model, dataset, emb_dir, windows=4, batch_size=8, num_workers=min(2, shards))
     emb = read_embeddings(emb_dir)

@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline.config import load_yaml
+from pipeline.dataset import TOKENIZER_NAME, tokenizer_path
 
 log = logging.getLogger(__name__)
 
@@ -298,9 +299,9 @@ def export_run(run_dir: str | Path, *, tag: str | None = None, out_dir: str | Pa
     out = Path(out_dir) if out_dir is not None else run_dir / "export"
     save_exported(model, cfg.model, out)
     if cfg.model.text is not None:
-        tokenizer = cfg.data.text.tokenizer or str(Path(cfg.data.datasets[0].path) / "tokenizer.model")
-        if Path(tokenizer).is_file():
-            shutil.copyfile(tokenizer, out / "tokenizer.model")
+        tokenizer = tokenizer_path([d.path for d in cfg.data.datasets], cfg.data.text.tokenizer)
+        if tokenizer.is_file():
+            shutil.copyfile(tokenizer, out / TOKENIZER_NAME)
     (out / "export.json").write_text(json.dumps({"run": str(run_dir), "tag": tag}) + "\n", encoding="utf-8")
     log.info("exported %s/checkpoints/%s to %s", run_dir, tag, out)
     return out

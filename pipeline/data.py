@@ -26,9 +26,9 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from data_prep.shards import iter_json_members, read_dataset_json
 from pipeline.augment import augment_batch
 from pipeline.data_config import DataConfig, DatasetSource, check_resolved
+from pipeline.dataset import SHARDS_DIR, iter_json_members, read_dataset_json, tokenizer_path
 from pipeline.stages import (
     BatchSamples,
     CheckSample,
@@ -294,7 +294,7 @@ def resolve_shards(datasets: list[DatasetSource]) -> list[Shard]:
         path = os.path.expanduser(src.path)
         if os.path.isdir(path):
             meta = read_dataset_json(path)
-            found = [Shard(os.path.join(path, "shards", s["name"]), int(s["samples"]), i) for s in meta["shards"]]
+            found = [Shard(os.path.join(path, SHARDS_DIR, s["name"]), int(s["samples"]), i) for s in meta["shards"]]
         else:
             urls = list(braceexpand.braceexpand(path))
             sizes = _sizes_near(urls[0])
@@ -366,12 +366,10 @@ def _num_batches(cfg: DataConfig, shards: list[Shard], rank: int, world_size: in
 def _tokenizer_path(cfg: DataConfig) -> str | None:
     if not cfg.text.enabled:
         return None
-    path = cfg.text.tokenizer
-    if path is None:
-        first = os.path.expanduser(cfg.datasets[0].path)
-        if not os.path.isdir(first):
-            raise ValueError("data.text.tokenizer is unset and the first dataset is a shard spec: give its path")
-        path = os.path.join(first, "tokenizer.model")
+    try:
+        path = str(tokenizer_path([d.path for d in cfg.datasets], cfg.text.tokenizer))
+    except ValueError as e:
+        raise ValueError(f"data.text.tokenizer is unset: {e}") from None
     if not os.path.isfile(path):
         raise ValueError(
             f"tokenizer {path!r} not found (build it with `vatp data tokenizer` or set data.text.tokenizer)"

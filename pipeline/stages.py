@@ -16,15 +16,14 @@ from itertools import islice
 import numpy as np
 import torch
 
-from data_prep.shards import iter_tar_members
 from pipeline.augment import augment_batch
 from pipeline.data_config import DataConfig
+from pipeline.dataset import iter_samples, load_tokenizer
 from pipeline.video import VideoWindow
 from pipeline.views import SampleRejected, captions, sample_views
 
 log = logging.getLogger(__name__)
 
-MEMBERS = ("mp4", "flac", "wav", "json")
 SCALARS = {"idx": torch.int64, "label": torch.int64, "has_audio": torch.bool}  # row values collated as (B,)
 
 
@@ -52,8 +51,8 @@ def _rng(state: EpochState, *extra: int) -> np.random.Generator:
 
 
 class TarSamples:
-    """Shard URLs -> raw samples: consecutive members sharing a key (the name up to the first dot of its base
-    name) grouped into `{"__key__", "__url__", ext: bytes}`, reading only `wanted_member` members.
+    """Shard URLs -> raw samples `{"__key__", "__url__", ext: bytes}` (`pipeline.dataset.iter_samples`: only the
+    format's member extensions are read).
 
     A shard that cannot be opened or read is handed to `handler` (which counts it and returns True to go on with
     the next shard); the sample being assembled when it broke is dropped, the ones before it were yielded.
@@ -66,31 +65,15 @@ class TarSamples:
         import webdataset as wds
 
         for shard in src:
-            url, sample = shard["url"], None
+            url = shard["url"]
             try:
                 with wds.gopen(url, "rb") as stream:
-                    for name, data in iter_tar_members(stream, wanted_member):
-                        slash = name.rfind("/") + 1
-                        dot = name.find(".", slash)
-                        key, ext = name[:dot], name[dot + 1 :].lower()
-                        if sample is not None and sample["__key__"] != key:
-                            yield sample
-                            sample = None
-                        if sample is None:
-                            sample = {"__key__": key, "__url__": url}
-                        sample[ext] = data
+                    for key, files in iter_samples(stream):
+                        yield {"__key__": key, "__url__": url, **files}
             except Exception as e:  # noqa: BLE001 - any failure of one shard is counted, the stream goes on
                 if self.handler(e):
                     continue
                 raise
-            if sample is not None:
-                yield sample
-
-
-def wanted_member(fname: str) -> bool:
-    """Tar members the loader reads: the explicit extension list; anything else (.pyd, .pth, ...) stays unread."""
-    base = fname.rsplit("/", 1)[-1]
-    return "." in base and base.split(".", 1)[1].lower() in MEMBERS
 
 
 class ResampledShards:
@@ -253,8 +236,6 @@ class MakeViews:
     def __call__(self, src):
         tokenizer = None
         if self.tokenizer_path is not None:
-            from data_prep.tokenizer import load_tokenizer
-
             tokenizer = load_tokenizer(self.tokenizer_path)
         s = self.state
         for n, sample in enumerate(src):

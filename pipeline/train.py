@@ -36,6 +36,7 @@ from pipeline.checkpoint import (
 from pipeline.config import dump_yaml, to_dict
 from pipeline.data import make_eval_loader, make_train_loader, resolve_shards
 from pipeline.data_config import DataConfig, DatasetSource, resolve_inputs
+from pipeline.dataset import load_tokenizer, tokenizer_path
 from pipeline.engine import build_engine, grad_norm, init_distributed, launch_env, micro_batch_size, resume_schedule
 from pipeline.losses import Objective, build_objective
 from pipeline.train_config import TrainConfig
@@ -392,10 +393,8 @@ def _check_dataset_path(path: str) -> None:
 
 
 def _check_tokenizer(cfg: TrainConfig) -> None:
-    from data_prep.tokenizer import load_tokenizer
-
-    path = cfg.data.text.tokenizer or str(Path(cfg.data.datasets[0].path).expanduser() / "tokenizer.model")
-    if not Path(path).is_file():
+    path = tokenizer_path([d.path for d in cfg.data.datasets], cfg.data.text.tokenizer)
+    if not path.is_file():
         raise ValueError(f"tokenizer {path} not found: build it with `vatp data tokenizer` or set data.text.tokenizer")
     pieces = load_tokenizer(path).get_piece_size()
     vocab = cfg.model.vocab_size

@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from data_prep.tokenizer import PAD_ID
 from pipeline import audio as A
 from pipeline import augment as Aug
 from pipeline import video as Vd
 from pipeline.data_config import mel_frames
+from pipeline.dataset import PAD_ID
 
 if TYPE_CHECKING:
     from pipeline.data_config import DataConfig
@@ -290,7 +290,7 @@ def _captions_near_clip(sample: dict, start: float, cfg: DataConfig, tokenizer: 
 def _tokenize(texts: list[str], cfg: DataConfig, tokenizer: Any, rows: int | None = None) -> dict:
     """`text (rows, L)` int64 and `text_mask (rows, L)` bool; rows past the captions are all-False padding.
 
-    Same ids as `data_prep.tokenizer.encode_batch` (pad 0, right-padded, truncated to L), but each caption is
+    Same ids as `pipeline.dataset.encode_batch` (pad 0, right-padded, truncated to L), but each caption is
     encoded on its own into one numpy buffer: sentencepiece's list call sets up a thread pool even with one
     thread, which costs ~4x the encoding of K=4 short captions.
     """

@@ -68,10 +68,11 @@ def export_tiny_model(tiny_dataset, tmp_path_factory):
     embeddings of different clips could not fail."""
     import shutil
 
-    from data_prep.tokenizer import load_tokenizer, train_tokenizer
+    from data_prep.tokenizer import train_tokenizer
     from launch.quickstart import calibrate_batchnorm
     from models.towers import ModelConfig, build_model, save_exported
     from pipeline.data_config import DataConfig, DatasetSource
+    from pipeline.dataset import load_tokenizer
 
     def export(name: str, **model_fields):
         root = tmp_path_factory.mktemp(name)

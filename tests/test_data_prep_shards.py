@@ -8,7 +8,8 @@ import tarfile
 
 import pytest
 
-from data_prep.shards import iter_json_members, iter_tar_members, read_dataset_json, write_shard
+from data_prep.shards import write_shard
+from pipeline.dataset import iter_json_members, iter_tar_members, read_dataset_json
 
 
 def test_read_dataset_json_accepts_a_built_dataset(tiny_dataset):

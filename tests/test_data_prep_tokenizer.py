@@ -12,7 +12,8 @@ import pytest
 import sentencepiece as spm
 import torch
 
-from data_prep.tokenizer import encode_batch, load_tokenizer, train_tokenizer
+from data_prep.tokenizer import train_tokenizer
+from pipeline.dataset import encode_batch, load_tokenizer
 
 SENTENCES = [
     "crack two eggs into the bowl",
@@ -36,8 +37,10 @@ def _make_dataset(root, captions_per_sample, extra_members=()):
     """A dataset dir like the builder writes: shards/NNNNNN.tar with <key>.json (+ a fake .mp4) and dataset.json."""
     (root / "shards").mkdir(parents=True)
     per_shard = 3
+    shards = []
     for shard in range(0, len(captions_per_sample), per_shard):
-        with tarfile.open(root / "shards" / f"{shard // per_shard:06d}.tar", "w") as tar:
+        shards.append({"name": f"{shard // per_shard:06d}.tar", "samples": min(per_shard, len(captions_per_sample) - shard)})
+        with tarfile.open(root / "shards" / shards[-1]["name"], "w") as tar:
             for idx in range(shard, min(shard + per_shard, len(captions_per_sample))):
                 key = f"{idx:06d}"
                 caps = [{"start": 0.0, "end": 1.0, "text": t} for t in captions_per_sample[idx]]
@@ -46,7 +49,7 @@ def _make_dataset(root, captions_per_sample, extra_members=()):
                 _member(tar, f"{key}.json", json.dumps(meta).encode())
             for name, data in extra_members if shard == 0 else ():
                 _member(tar, name, data)
-    (root / "dataset.json").write_text(json.dumps({"format": "vatp-shards", "version": 1}))
+    (root / "dataset.json").write_text(json.dumps({"format": "vatp-shards", "version": 1, "shards": shards}))
     return root
 
 
@@ -85,7 +88,7 @@ def test_dataset_without_captions_is_an_error(tmp_path):
     ds = _make_dataset(tmp_path / "silent", [[], [" "], []])
     with pytest.raises(ValueError, match="silent"):
         train_tokenizer(ds)
-    with pytest.raises(ValueError, match="no shards"):
+    with pytest.raises(ValueError, match="dataset.json not found"):
         train_tokenizer(tmp_path / "missing")
 
 
@@ -122,6 +125,7 @@ def test_load_tokenizer_rejects_foreign_models(tmp_path):
 def test_train_on_the_built_tiny_dataset(tiny_dataset, tmp_path):
     ds = tmp_path / "copy"  # a copy: the session dataset is shared with other tests
     shutil.copytree(tiny_dataset / "shards", ds / "shards")
+    shutil.copyfile(tiny_dataset / "dataset.json", ds / "dataset.json")
     tok = load_tokenizer(train_tokenizer(ds, vocab_size=300))
     texts = []
     for shard in sorted((ds / "shards").glob("*.tar")):

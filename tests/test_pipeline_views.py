@@ -27,10 +27,12 @@ VIDEO, AUDIO, TEXT = VideoInput(4, 32, 10.0), AudioInput(16000, 16, 0.5), TextIn
 
 @pytest.fixture(scope="module")
 def tokenizer(tiny_dataset, tmp_path_factory):
-    from data_prep.tokenizer import load_tokenizer, train_tokenizer
+    from data_prep.tokenizer import train_tokenizer
+    from pipeline.dataset import load_tokenizer
 
     d = tmp_path_factory.mktemp("tok")
     (d / "shards").symlink_to(Path(tiny_dataset) / "shards")
+    (d / "dataset.json").symlink_to(Path(tiny_dataset) / "dataset.json")
     return load_tokenizer(train_tokenizer(d, vocab_size=100))
 
 
@@ -224,7 +226,7 @@ def test_eval_audio_windows_are_the_log_mels_of_their_starts_and_silent_ones_are
 @pytest.mark.parametrize("max_tokens", [3, 8, 64])
 def test_caption_rows_are_the_ids_of_encode_batch(raw_samples, tokenizer, max_tokens):
     """The loader's per-caption encoding gives the same ids and mask as data_prep's batch encoder."""
-    from data_prep.tokenizer import encode_batch
+    from pipeline.dataset import encode_batch
 
     cfg = make_cfg(views="eval", text=TextConfig(num_captions=4, max_tokens=max_tokens, tokenizer="x"))
     sample = checked(raw_samples[0], cfg)
