@@ -93,8 +93,13 @@ def bench_kmeans(n: int, d: int, k: int, niter: int, ceiling: float) -> dict:
     flops = 2 * n * k * d * niter  # the assignment GEMM dominates each iteration
     gflops = flops / seconds / 1e9
     full = 2 * 1_000_000 * 1000 * 512 * 25 / (gflops * 1e9)
-    return {"seconds": seconds, "points_used": res.points_used, "gflops": gflops, "of_gemm": gflops / ceiling,
-            "extrapolated_1M_512_k1000_25it_s": full}  # fmt: skip
+    return {
+        "seconds": seconds,
+        "points_used": res.points_used,
+        "gflops": gflops,
+        "of_gemm": gflops / ceiling,
+        "extrapolated_1M_512_k1000_25it_s": full,
+    }
 
 
 def bench_ivf(nb: int, nq: int, d: int, k: int) -> dict:
@@ -140,19 +145,27 @@ def main() -> None:
     s = bench_search(args.gallery, args.queries, args.dim, 10, ceiling)
     print(f"\nexact search {args.queries} x {args.gallery} x {args.dim}, k=10")
     print(f"  faiss flat {s['faiss_s']:.2f} s ({s['faiss_gflops']:.0f} GFLOP/s = {s['faiss_of_gemm']:.2f} of GEMM)")
-    print(f"  torch matmul+topk {s['torch_s']:.2f} s -> faiss is {s['faiss_vs_torch']:.2f}x  (top-1 agree "
-          f"{s['top1_agreement']:.3f})")  # fmt: skip
+    print(
+        f"  torch matmul+topk {s['torch_s']:.2f} s -> faiss is {s['faiss_vs_torch']:.2f}x  (top-1 agree "
+        f"{s['top1_agreement']:.3f})"
+    )
     print(f"  exact ranking pass {s['rank_pass_s']:.2f} s = {s['rank_pass_of_gemm']:.2f} of GEMM")
 
     km = bench_kmeans(args.kmeans_points, args.dim, args.kmeans_k, args.kmeans_iter, ceiling)
-    print(f"\nk-means {args.kmeans_points} x {args.dim}, k={args.kmeans_k}, {args.kmeans_iter} iterations, "
-          f"{km['points_used']} points used")  # fmt: skip
-    print(f"  {km['seconds']:.2f} s, {km['gflops']:.0f} GFLOP/s = {km['of_gemm']:.2f} of GEMM; 1M x 512, k=1000, "
-          f"25 iterations extrapolated: {km['extrapolated_1M_512_k1000_25it_s']:.0f} s")  # fmt: skip
+    print(
+        f"\nk-means {args.kmeans_points} x {args.dim}, k={args.kmeans_k}, {args.kmeans_iter} iterations, "
+        f"{km['points_used']} points used"
+    )
+    print(
+        f"  {km['seconds']:.2f} s, {km['gflops']:.0f} GFLOP/s = {km['of_gemm']:.2f} of GEMM; 1M x 512, k=1000, "
+        f"25 iterations extrapolated: {km['extrapolated_1M_512_k1000_25it_s']:.0f} s"
+    )
 
     iv = bench_ivf(args.ivf_gallery, args.queries, args.ivf_dim, 10)
-    print(f"\nIVF vs flat, {args.ivf_gallery} x {args.ivf_dim} clustered, nlist {iv['nlist']} (train "
-          f"{iv['train_s']:.1f} s), flat {iv['flat_s']:.2f} s")  # fmt: skip
+    print(
+        f"\nIVF vs flat, {args.ivf_gallery} x {args.ivf_dim} clustered, nlist {iv['nlist']} (train "
+        f"{iv['train_s']:.1f} s), flat {iv['flat_s']:.2f} s"
+    )
     for r in iv["sweep"]:
         print(f"  nprobe {r['nprobe']:>3}: recall@10 {r['recall@10']:.3f}  {r['seconds']:.3f} s  {r['speedup']:.1f}x")
 

@@ -26,7 +26,8 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.towers import ModelConfig, SpaceConfig, build_model  # noqa: E402
-from pipeline.engine import build_engine, init_distributed  # noqa: E402
+from pipeline.distributed import init_distributed  # noqa: E402
+from pipeline.engine import build_engine  # noqa: E402
 from pipeline.losses import LossConfig, MilNCEConfig, build_objective  # noqa: E402
 from pipeline.train_config import OptimConfig, RunConfig  # noqa: E402
 
@@ -53,8 +54,14 @@ def matmul_ceiling(device: torch.device, n: int = 1024, seconds: float = 2.0) ->
 
 def model_throughput(variant: str, frames: int, size: int, batch: int, steps: int, dist_info) -> dict:
     """Clips/s and GFLOP/s of full training steps (forward, MIL-NCE, backward, AdamW) on synthetic batches."""
-    cfg = ModelConfig(video=variant, text="text_tiny", vocab_size=256, num_frames=frames, size=size,
-                      spaces=[SpaceConfig("vt", ["video", "text"], dim=64, head="linear")])  # fmt: skip
+    cfg = ModelConfig(
+        video=variant,
+        text="text_tiny",
+        vocab_size=256,
+        num_frames=frames,
+        size=size,
+        spaces=[SpaceConfig("vt", ["video", "text"], dim=64, head="linear")],
+    )
     run = RunConfig(name="bench", steps=steps + 2, batch_size=batch, device=dist_info.device.type)
     engine = build_engine(build_model(cfg), run, OptimConfig(lr=1e-4), dist_info)
     objective = build_objective(LossConfig(milnce=MilNCEConfig(temperature=0.1)), num_samples=1)
@@ -94,11 +101,19 @@ def end_to_end(dataset: Path | None, steps: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         if dataset is None:
             dataset = build_small_dataset(Path(tmp) / "data")
-        cfg = load_train_config(CONFIGS / "quickstart.yaml", [
-            f"data.datasets=[{{path: {dataset}}}]", f"run.runs_dir={tmp}/runs", f"run.steps={steps + 10}",
-            "run.log_every=10", f"run.ckpt_every={steps + 10}", "optim.warmup_steps=0", "run.tensorboard=false",
-            "run.device=auto",
-        ])  # fmt: skip
+        cfg = load_train_config(
+            CONFIGS / "quickstart.yaml",
+            [
+                f"data.datasets=[{{path: {dataset}}}]",
+                f"run.runs_dir={tmp}/runs",
+                f"run.steps={steps + 10}",
+                "run.log_every=10",
+                f"run.ckpt_every={steps + 10}",
+                "optim.warmup_steps=0",
+                "run.tensorboard=false",
+                "run.device=auto",
+            ],
+        )
         summary = train(cfg)
         windows = [json.loads(x) for x in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
     timed = windows[1:]  # every 10-step window after the first
@@ -144,8 +159,10 @@ def main() -> None:
 
     e2e = end_to_end(args.dataset, args.e2e_steps)
     results["end_to_end_quickstart"] = e2e
-    print(f"end to end, quickstart recipe on real shards: {e2e['clips_per_s']:.2f} clips/s, "
-          f"{100 * e2e['data_wait_frac']:.1f}% of step time waiting for data")  # fmt: skip
+    print(
+        f"end to end, quickstart recipe on real shards: {e2e['clips_per_s']:.2f} clips/s, "
+        f"{100 * e2e['data_wait_frac']:.1f}% of step time waiting for data"
+    )
     print(json.dumps(results))
 
 

@@ -205,10 +205,22 @@ def plan_video(
     captions = plan_captions(cls, spans, seconds, np.random.default_rng([seed, index, 1]))
     key = json.dumps([FORMAT_VERSION, seed, index, seconds, width, height, fps, sample_rate])
     return VideoPlan(
-        id=f"synth_{index:06d}", seed=seed, index=index, cls=cls, seconds=seconds, width=width, height=height,
-        fps=fps, sample_rate=sample_rate, channels=channels, segments=segments, captions=captions, look=look,
-        sound=sound, stamp="vatp-synth:" + hashlib.sha1(key.encode()).hexdigest()[:16],
-    )  # fmt: skip
+        id=f"synth_{index:06d}",
+        seed=seed,
+        index=index,
+        cls=cls,
+        seconds=seconds,
+        width=width,
+        height=height,
+        fps=fps,
+        sample_rate=sample_rate,
+        channels=channels,
+        segments=segments,
+        captions=captions,
+        look=look,
+        sound=sound,
+        stamp="vatp-synth:" + hashlib.sha1(key.encode()).hexdigest()[:16],
+    )
 
 
 def render_video(plan: VideoPlan, out_dir: str | Path) -> bool:
@@ -498,8 +510,17 @@ def _events(plan: VideoPlan) -> dict:
         }
         for s in plan.segments
     ]
-    return {"id": plan.id, "label": plan.cls.label, "fps": fps, "seconds": plan.seconds, "channels": plan.channels,
-            "segments": segments, "captions": plan.captions, "look": plan.look, "sound": plan.sound}  # fmt: skip
+    return {
+        "id": plan.id,
+        "label": plan.cls.label,
+        "fps": fps,
+        "seconds": plan.seconds,
+        "channels": plan.channels,
+        "segments": segments,
+        "captions": plan.captions,
+        "look": plan.look,
+        "sound": plan.sound,
+    }
 
 
 def _summary(out: Path, plans: list[VideoPlan], splits: list[str], written: int, workers: int, elapsed: float) -> dict:

@@ -113,9 +113,16 @@ def expected_mutual_info(a: np.ndarray, b: np.ndarray) -> float:
             np.float64
         )
         log_p = (
-            lg_a[i] + lg_b[j] + lg_na[i] + lg_nb[j] - lg_n - gammaln(nij + 1)
-            - gammaln(a[i] - nij + 1) - gammaln(b[j] - nij + 1) - gammaln(n - a[i] - b[j] + nij + 1)
-        )  # fmt: skip
+            lg_a[i]
+            + lg_b[j]
+            + lg_na[i]
+            + lg_nb[j]
+            - lg_n
+            - gammaln(nij + 1)
+            - gammaln(a[i] - nij + 1)
+            - gammaln(b[j] - nij + 1)
+            - gammaln(n - a[i] - b[j] + nij + 1)
+        )
         term = nij / n * (np.log(n * nij) - np.log(a[i] * b[j].astype(np.float64)))
         emi += float((term * np.exp(log_p)).sum())
     return emi
@@ -156,9 +163,17 @@ def kmeans(
     used = min(n, k * mppc)
     use_gpu = faiss_index.gpu_available() if gpu is None else gpu
     km = faiss.Kmeans(
-        d, k, niter=niter, nredo=nredo, seed=seed, spherical=spherical, max_points_per_centroid=mppc,
-        min_points_per_centroid=1, gpu=bool(use_gpu), verbose=verbose,
-    )  # fmt: skip
+        d,
+        k,
+        niter=niter,
+        nredo=nredo,
+        seed=seed,
+        spherical=spherical,
+        max_points_per_centroid=mppc,
+        min_points_per_centroid=1,
+        gpu=bool(use_gpu),
+        verbose=verbose,
+    )
     log.info("k-means: %d points (%d used for training), k=%d, %d iterations x %d restarts", n, used, k, niter, nredo)
     t0 = time.time()
     objective = km.train(x)

@@ -17,21 +17,27 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from eval import embed_files
 from eval.embed_files import COMPLETE, Embeddings, merge_parts, read_embeddings
 from pipeline.dataset import encode_batch, iter_json_members, load_tokenizer
+from pipeline.distributed import barrier, sum_counts
 
 log = logging.getLogger(__name__)
 
 # The file side is re-exported: callers read and merge embedding directories through this module.
 __all__ = [
-    "COMPLETE", "Embeddings", "LoadedModel", "embed_dataset", "extract_embeddings", "load_model", "merge_parts",
+    "COMPLETE",
+    "Embeddings",
+    "LoadedModel",
+    "embed_dataset",
+    "extract_embeddings",
+    "load_model",
+    "merge_parts",
     "read_embeddings",
-]  # fmt: skip
+]
 
 
 def average_windows(x: torch.Tensor) -> torch.Tensor:
@@ -118,7 +124,7 @@ def embed_dataset(
 ) -> dict:
     """Embed every sample of `dataset` with `model` into `out` (see the module docstring); call on every rank."""
     from pipeline.data import make_eval_loader, resolve_shards
-    from pipeline.data_config import DataConfig, DatasetSource, resolve_inputs
+    from pipeline.data_config import DataConfig, DatasetSource, data_config_for
 
     out = Path(out)
     if not Path(dataset, "dataset.json").is_file() and not Path(dataset, "shards").is_dir():
@@ -130,12 +136,16 @@ def embed_dataset(
     c = model.contracts
     pairs_text_in_loader = "text" in c and model.source == "exported"
     cfg = DataConfig(
-        datasets=[DatasetSource(str(dataset))], views="eval", mode="exact", batch_size=batch_size,
-        num_workers=num_workers, eval_windows=windows, with_meta=True, **(data_overrides or {}),
-    )  # fmt: skip
-    cfg.audio.enabled = "audio" in c
-    cfg.text.enabled = pairs_text_in_loader
-    cfg = resolve_inputs(cfg, video=c.get("video"), audio=c.get("audio"), text=c.get("text"))
+        datasets=[DatasetSource(str(dataset))],
+        views="eval",
+        mode="exact",
+        batch_size=batch_size,
+        num_workers=num_workers,
+        eval_windows=windows,
+        with_meta=True,
+        **(data_overrides or {}),
+    )
+    cfg = data_config_for(cfg, c, captions=pairs_text_in_loader)
     loader = make_eval_loader(cfg, rank=rank, world_size=world_size)
     sizes = [shard.samples for shard in resolve_shards(cfg.datasets)]
     expected = None if None in sizes else sum(sizes)
@@ -144,12 +154,20 @@ def embed_dataset(
     summary = {"embedded": 0, "resumed": 0, "seconds": 0.0}
     if not merged:
         summary = extract_embeddings(
-            model.module.to(device), loader, out, rank=rank, world_size=world_size, device=device,
-            expected=expected, info=info, total=len(loader), complete=False,
-        )  # fmt: skip
+            model.module.to(device),
+            loader,
+            out,
+            rank=rank,
+            world_size=world_size,
+            device=device,
+            expected=expected,
+            info=info,
+            total=len(loader),
+            complete=False,
+        )
     if loader.skipped:
         log.warning("rank %d: loader skipped samples: %s", rank, loader.skipped)
-    summary["skipped"] = _all_ranks_skipped(loader.skipped, world_size)
+    summary["skipped"] = sum_counts(loader.skipped)  # over all ranks
     if rank == 0:  # the last steps, then the marker: an interrupted run never leaves a folder marked complete
         if model.source == "s3d_howto100m" and model.tokenize is not None:
             _embed_meta_captions(model, out)
@@ -157,21 +175,8 @@ def embed_dataset(
             add_window_times(out, dataset, cfg.num_frames / cfg.fps, windows)
         extra = {"skipped": summary["skipped"]} if not merged else {}
         embed_files.mark_complete(out, **extra)
-    _barrier(world_size)
+    barrier()
     return summary
-
-
-def _all_ranks_skipped(skipped: dict[str, int], world_size: int) -> dict[str, int]:
-    """The loader's skip counts summed over ranks (every rank calls this)."""
-    if world_size == 1 or not dist.is_initialized():
-        return dict(skipped)
-    gathered: list = [None] * world_size
-    dist.all_gather_object(gathered, dict(skipped))
-    total: dict[str, int] = {}
-    for part in gathered:
-        for reason, n in part.items():
-            total[reason] = total.get(reason, 0) + int(n)
-    return total
 
 
 def add_window_times(out: str | Path, dataset: str | Path, clip_seconds: float, windows: int) -> None:
@@ -265,11 +270,11 @@ def extract_embeddings(
         embed_files.write_part(parts / f"rank{rank}-{seq:05d}", buf)
     if skipped:
         log.info("rank %d: %d samples already embedded by an earlier run, skipped", rank, skipped)
-    _barrier(world_size)
+    barrier()
     summary = {"embedded": embedded, "resumed": skipped, "seconds": time.time() - t0}
     if rank == 0:
         summary.update(merge_parts(out, expected=expected, info=info, complete=complete))
-    _barrier(world_size)
+    barrier()
     return summary
 
 
@@ -326,8 +331,3 @@ def _select(batch: dict, keep: np.ndarray) -> dict:
         else:
             out[k] = v
     return out
-
-
-def _barrier(world_size: int) -> None:
-    if world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()

@@ -98,8 +98,13 @@ def read_embeddings(root: str | Path) -> Embeddings:
     if expected is not None and len(meta) < expected:
         log.warning(
             "%s covers %d of the %d samples of %s (skipped by the loader: %s): metrics describe those %d only",
-            root, len(meta), expected, info.get("dataset", "its dataset"), info.get("skipped") or "?", len(meta),
-        )  # fmt: skip
+            root,
+            len(meta),
+            expected,
+            info.get("dataset", "its dataset"),
+            info.get("skipped") or "?",
+            len(meta),
+        )
     return Embeddings(root, meta, arrays, caption_video, info)
 
 

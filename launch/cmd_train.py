@@ -27,11 +27,20 @@ def register(sub: argparse._SubParsersAction) -> None:
         "or a run directory (its saved config.yaml). Every knob is a --set override, e.g. --set run.steps=100.",
     )
     p.add_argument("recipe", help="recipe file, recipe name, or run directory")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value (repeatable), e.g. --set optim.lr=3e-4")  # fmt: skip
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value (repeatable), e.g. --set optim.lr=3e-4",
+    )
     p.add_argument("--resume", action="store_true", help="continue the run from its checkpoints/latest")
-    p.add_argument("--auto-resume", action="store_true",
-                   help="resume when the run has a checkpoint, else start it (for requeued cluster jobs)")  # fmt: skip
+    p.add_argument(
+        "--auto-resume",
+        action="store_true",
+        help="resume when the run has a checkpoint, else start it (for requeued cluster jobs)",
+    )
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=run_train)
 
@@ -58,8 +67,14 @@ def register_quickstart(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="quickstart", help="working directory (default: ./quickstart)")
     p.add_argument("--videos", type=int, default=None, help="synthetic videos (default: the recipe's plan)")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the quickstart recipe's)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a quickstart recipe value")  # fmt: skip
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a quickstart recipe value",
+    )
     p.set_defaults(func=run_quickstart)
 
 
@@ -90,8 +105,13 @@ def run_train(args: argparse.Namespace) -> int:
         from pipeline.checkpoint import latest_tag
 
         resume = latest_tag(Path(cfg.run.runs_dir) / cfg.run.name) is not None
+    evaluate = None
+    if cfg.eval.every:
+        from eval.periodic import held_out_retrieval
+
+        evaluate = held_out_retrieval(cfg)
     try:
-        summary = train(cfg, resume=resume)
+        summary = train(cfg, resume=resume, evaluate=evaluate)
     except TrainingDiverged as e:
         print(f"vatp train: stopped: {e}", file=sys.stderr)
         return EXIT_DIVERGED

@@ -31,8 +31,9 @@ BUILD = dict(fps=10, short_side=64, max_seconds=30.0, sample_rate=16000, samples
 VOCAB = 1000  # an upper bound: the synthetic narration has about 190 distinct words
 
 
-def quickstart(out: str | Path, *, videos: int | None = None, steps: int | None = None,
-               overrides: Sequence[str] = ()) -> dict:  # fmt: skip
+def quickstart(
+    out: str | Path, *, videos: int | None = None, steps: int | None = None, overrides: Sequence[str] = ()
+) -> dict:
     """Run the quickstart in `out`; return (and print) the comparison table's numbers."""
     from data_prep.build import build_dataset
     from data_prep.synth import make_synth_corpus
@@ -113,17 +114,14 @@ def calibrate_batchnorm(model: torch.nn.Module, data_cfg, *, batches: int) -> No
     """Replace every BatchNorm's running statistics by their average over the first `batches` eval batches of
     `data_cfg`'s datasets (fewer when an epoch is shorter); no gradient step. Clip settings come from the model."""
     from pipeline.data import make_eval_loader
-    from pipeline.data_config import resolve_inputs
+    from pipeline.data_config import data_config_for
 
     norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     momenta = [m.momentum for m in norms]
     for m in norms:
         m.reset_running_stats()
         m.momentum = None  # cumulative average
-    c = model.input_contracts()
-    data_cfg = dataclasses.replace(data_cfg, audio=dataclasses.replace(data_cfg.audio, enabled="audio" in c),
-                                   text=dataclasses.replace(data_cfg.text, enabled="text" in c))  # fmt: skip
-    data_cfg = resolve_inputs(data_cfg, video=c.get("video"), audio=c.get("audio"), text=c.get("text"))
+    data_cfg = data_config_for(data_cfg, model.input_contracts())
     model.train()
     for i, batch in enumerate(make_eval_loader(data_cfg)):
         model({k: v for k, v in batch.items() if torch.is_tensor(v)})
@@ -153,12 +151,22 @@ def evaluate(model_dir: Path, dataset: Path, emb_dir: Path, space: str = "vt", r
     truth = np.array([classes.index(lab) for lab in labels])
     assign = kmeans(video, len(classes), seed=0).assign
     clusters = cluster_metrics(assign, truth)
-    row = {"t2v_R@1": t2v["R@1"], "t2v_R@5": t2v["R@5"], "t2v_R@10": t2v["R@10"], "t2v_MedR": t2v["MedR"],
-           "NMI": clusters["nmi"], "acc": clusters["acc"], "videos": len(video), "captions": len(text)}  # fmt: skip
+    row = {
+        "t2v_R@1": t2v["R@1"],
+        "t2v_R@5": t2v["R@5"],
+        "t2v_R@10": t2v["R@10"],
+        "t2v_MedR": t2v["MedR"],
+        "NMI": clusters["nmi"],
+        "acc": clusters["acc"],
+        "videos": len(video),
+        "captions": len(text),
+    }
     if report is not None:
         names = {c: classes[n] for c, n in enumerate(name_clusters(assign, truth)) if n >= 0}
-        metrics = {"text->video": {k: float(v) for k, v in row.items() if k.startswith("t2v")},
-                   "k-means": {"NMI": float(clusters["nmi"]), "acc": float(clusters["acc"])}}  # fmt: skip
+        metrics = {
+            "text->video": {k: float(v) for k, v in row.items() if k.startswith("t2v")},
+            "k-means": {"NMI": float(clusters["nmi"]), "acc": float(clusters["acc"])},
+        }
         write_report(emb, assign, report, dataset=dataset, space=f"video@{space}", names=names, metrics=metrics)
     return row
 

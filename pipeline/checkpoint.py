@@ -28,10 +28,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from pipeline.config import load_yaml
 from pipeline.dataset import TOKENIZER_NAME, tokenizer_path
+from pipeline.distributed import barrier
 
 log = logging.getLogger(__name__)
 
@@ -87,13 +87,11 @@ def check_same_model(run_dir: Path, model: dict) -> None:
 
 def package_versions() -> dict[str, str]:
     """Versions worth knowing when a run is compared or reproduced later."""
-    import deepspeed
     import numpy
 
     versions = {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__}
-    versions["deepspeed"] = deepspeed.__version__
     versions["cuda"] = torch.version.cuda or "none"
-    for name in ("webdataset", "vatp"):
+    for name in ("deepspeed", "webdataset", "vatp"):
         try:
             from importlib.metadata import version
 
@@ -194,16 +192,16 @@ def save_checkpoint(
         return tag  # this step is saved already (a signal inside an accumulation cycle); never rewrite `latest`
     if rank == 0 and (ckpt_dir / tag).exists():
         shutil.rmtree(ckpt_dir / tag)  # leftovers of a save that was killed: never complete, never latest
-    _barrier(world_size)
+    barrier()
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={CLIENT_KEY: client_state}, save_latest=False)
     torch.save(rank_state, ckpt_dir / tag / f"vatp_rank{rank:05d}.pt")
-    _barrier(world_size)
+    barrier()
     if rank == 0:
         meta = {"step": step, "world_size": world_size, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         _write_atomic(ckpt_dir / tag / META, json.dumps(meta) + "\n")
         _write_atomic(ckpt_dir / LATEST, tag + "\n")
         _prune(ckpt_dir, keep=keep, current=tag)
-    _barrier(world_size)
+    barrier()
     return tag
 
 
@@ -264,11 +262,6 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _barrier(world_size: int) -> None:
-    if world_size > 1:
-        dist.barrier()
-
-
 def export_run(run_dir: str | Path, *, tag: str | None = None, out_dir: str | Path | None = None) -> Path:
     """Write `<out_dir or run_dir/export>/{model.safetensors, model.yaml}` (fp32) from checkpoint `tag` (default
     `latest`), plus the run's tokenizer when the model has a text tower. Needs no process group."""
@@ -294,8 +287,10 @@ def export_run(run_dir: str | Path, *, tag: str | None = None, out_dir: str | Pa
         raise ValueError(_refused(run_dir / "checkpoints" / tag, e)) from None
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:
-        raise ValueError(f"{run_dir}/checkpoints/{tag} does not match config.yaml: missing {missing[:3]}, "
-                         f"unexpected {unexpected[:3]}")  # fmt: skip
+        raise ValueError(
+            f"{run_dir}/checkpoints/{tag} does not match config.yaml: missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]}"
+        )
     out = Path(out_dir) if out_dir is not None else run_dir / "export"
     save_exported(model, cfg.model, out)
     if cfg.model.text is not None:

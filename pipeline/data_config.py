@@ -147,6 +147,18 @@ def resolve_inputs(
     return cfg
 
 
+def data_config_for(data: DataConfig, contracts: dict, *, captions: bool = True) -> DataConfig:
+    """The data config a model reads, from its input contracts (`model.input_contracts()`): audio and text are
+    loaded exactly when the model has that tower (`captions=False` leaves text to the caller, as for a model
+    with its own word list), and every clip/audio/text setting comes from the contracts (`resolve_inputs`)."""
+    data = dataclasses.replace(
+        data,
+        audio=dataclasses.replace(data.audio, enabled="audio" in contracts),
+        text=dataclasses.replace(data.text, enabled="text" in contracts and captions),
+    )
+    return resolve_inputs(data, video=contracts.get("video"), audio=contracts.get("audio"), text=contracts.get("text"))
+
+
 def check_resolved(cfg: DataConfig) -> None:
     """Raise naming every clip/audio/text setting that is still unset (call `resolve_inputs` first)."""
     unset = [n for n in ("num_frames", "size", "fps", "mean", "std") if getattr(cfg, n) is None]

@@ -1,4 +1,7 @@
-"""Rank utilities and collectives that also work when torch.distributed is not initialised (one process).
+"""Process-group start-up and every collective; all of them also work on one process without a group.
+
+`init_distributed` turns whatever launched us (nothing, torchrun, the deepspeed launcher, srun) into one
+process group (gloo on CPU, NCCL on GPU); `launch_env` maps SLURM's variables.
 
 Every loss gathers through `all_gather_with_grad`, so the gradient rule lives in one place:
 
@@ -15,9 +18,87 @@ computes the full loss, and then each rank does W times the work. See docs/objec
 
 from __future__ import annotations
 
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
+
+# Collectives wait this long before failing: long enough for a rank-0 evaluation between steps.
+PROCESS_GROUP_TIMEOUT = timedelta(minutes=30)
+_DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits: global rank, world size, rank on its node, and its device."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def resolve_device(device: str) -> str:
+    """`auto` -> `cuda` when a GPU is visible, else `cpu`; an explicit `cuda` without one is an error."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("run.device is 'cuda' but no CUDA device is visible (use run.device=cpu or auto)")
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"run.device must be auto, cpu or cuda, got {device!r}")
+    return device
+
+
+def launch_env() -> dict[str, str]:
+    """The RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* variables this process will use, without side effects.
+
+    torchrun and the deepspeed launcher set all five. Under `srun` we map SLURM_PROCID/LOCALID/NTASKS
+    (MASTER_ADDR/PORT come from launch/slurm/pretrain.sbatch). Nothing set means one process.
+    """
+    env = {k: os.environ[k] for k in _DIST_VARS if k in os.environ}
+    if "RANK" not in env and "SLURM_PROCID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        env.update(
+            RANK=os.environ["SLURM_PROCID"],
+            LOCAL_RANK=os.environ.get("SLURM_LOCALID", "0"),
+            WORLD_SIZE=os.environ["SLURM_NTASKS"],
+        )
+        missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in env]
+        if missing:
+            raise ValueError(f"running under srun without {', '.join(missing)}: launch through launch/slurm/*.sbatch")
+    if "RANK" not in env:
+        env = dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    missing = [k for k in _DIST_VARS if k not in env]
+    if missing:
+        raise ValueError(f"partial launcher environment: {', '.join(missing)} not set (RANK is {env['RANK']})")
+    return env
+
+
+def init_distributed(device: str = "auto") -> DistInfo:
+    """Join (or create) the process group: gloo on CPU, NCCL on GPU. Safe to call twice."""
+    device = resolve_device(device)
+    os.environ.update(launch_env())
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if device == "cuda":
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():  # DeepSpeed finds this group and uses it (pipeline/engine.py)
+        dist.init_process_group(
+            "nccl" if device == "cuda" else "gloo",
+            init_method="env://",
+            rank=rank,
+            world_size=world_size,
+            timeout=PROCESS_GROUP_TIMEOUT,
+        )
+    dev = torch.device("cuda", local_rank) if device == "cuda" else torch.device("cpu")
+    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
 
 
 def is_distributed() -> bool:
@@ -44,6 +125,28 @@ def barrier() -> None:
     """Wait for every rank; a no-op on one process."""
     if is_distributed():
         dist.barrier()
+
+
+def any_rank(*flags: bool, device: torch.device | str = "cpu") -> tuple[bool, ...]:
+    """Each flag OR-ed over ranks: one rank's NaN or stop signal counts for all (the same answer everywhere)."""
+    if not is_distributed():
+        return tuple(bool(f) for f in flags)
+    t = torch.tensor([int(f) for f in flags], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return tuple(bool(v) for v in t.tolist())
+
+
+def sum_counts(counts: dict[str, int]) -> dict[str, int]:
+    """Per-key integer counts summed over ranks (keys may differ between ranks; every rank calls this)."""
+    if not is_distributed():
+        return dict(counts)
+    gathered: list = [None] * world_size()
+    dist.all_gather_object(gathered, dict(counts))
+    total: dict[str, int] = {}
+    for part in gathered:
+        for key, n in part.items():
+            total[key] = total.get(key, 0) + int(n)
+    return total
 
 
 def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
@@ -115,3 +218,9 @@ def global_mean(local_sum: torch.Tensor, local_count: torch.Tensor | int | float
     share = local_sum * (world_size() / total)
     value = all_reduce_sum(local_sum.detach().clone()) / total
     return share + (value - share).detach()
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,107 +1,38 @@
 """DeepSpeed, behind a few functions. This is the only module that imports `deepspeed`.
 
-`init_distributed` turns whatever launched us (nothing, torchrun, the deepspeed launcher, srun) into
-one process group; `build_engine` wraps the model with a DeepSpeed config produced from ours by
-`build_ds_config`, with every value that DeepSpeed 0.19 defaults surprisingly (gradient clipping 1.0,
-logarithmic warmup) set explicitly. The training loop then only calls `engine(batch)`,
-`engine.backward(loss)`, `engine.step()` and the checkpoint functions in pipeline/checkpoint.py.
+`build_engine` wraps the model (on the process group of `pipeline.distributed.init_distributed`, which
+DeepSpeed finds and uses) with a DeepSpeed config produced from ours by `build_ds_config`, with every value
+that DeepSpeed 0.19 defaults surprisingly (gradient clipping 1.0, logarithmic warmup) set explicitly. The
+training loop then only calls `engine(batch)`, `engine.backward(loss)`, `engine.step()` and the checkpoint
+functions in pipeline/checkpoint.py.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import socket
-from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.distributed as dist
 
 from pipeline.schedules import warmup_cosine
 
 if TYPE_CHECKING:
+    from pipeline.distributed import DistInfo
     from pipeline.train_config import OptimConfig, RunConfig
 
 log = logging.getLogger(__name__)
 
-# Collectives wait this long before failing: long enough for a rank-0 evaluation between steps.
-PROCESS_GROUP_TIMEOUT = timedelta(minutes=30)
-_DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
-
-@dataclass(frozen=True)
-class DistInfo:
-    """Where this process sits: global rank, world size, rank on its node, and its device."""
-
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def resolve_device(device: str) -> str:
-    """`auto` -> `cuda` when a GPU is visible, else `cpu`; an explicit `cuda` without one is an error."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("run.device is 'cuda' but no CUDA device is visible (use run.device=cpu or auto)")
-    if device not in ("cpu", "cuda"):
-        raise ValueError(f"run.device must be auto, cpu or cuda, got {device!r}")
-    return device
-
-
-def launch_env() -> dict[str, str]:
-    """The RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* variables this process will use, without side effects.
-
-    torchrun and the deepspeed launcher set all five. Under `srun` we map SLURM_PROCID/LOCALID/NTASKS
-    (MASTER_ADDR/PORT come from launch/slurm/pretrain.sbatch). Nothing set means one process.
-    """
-    env = {k: os.environ[k] for k in _DIST_VARS if k in os.environ}
-    if "RANK" not in env and "SLURM_PROCID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
-        env.update(
-            RANK=os.environ["SLURM_PROCID"],
-            LOCAL_RANK=os.environ.get("SLURM_LOCALID", "0"),
-            WORLD_SIZE=os.environ["SLURM_NTASKS"],
-        )
-        missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in env]
-        if missing:
-            raise ValueError(f"running under srun without {', '.join(missing)}: launch through launch/slurm/*.sbatch")
-    if "RANK" not in env:
-        env = dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-    missing = [k for k in _DIST_VARS if k not in env]
-    if missing:
-        raise ValueError(f"partial launcher environment: {', '.join(missing)} not set (RANK is {env['RANK']})")
-    return env
-
-
-def init_distributed(device: str = "auto") -> DistInfo:
-    """Join (or create) the process group: gloo on CPU, NCCL on GPU. Safe to call twice."""
-    device = resolve_device(device)
-    os.environ.update(launch_env())
-    if device == "cpu":
-        os.environ["DS_ACCELERATOR"] = "cpu"  # before deepspeed is imported: it picks its accelerator on import
+def _deepspeed():
+    """The `deepspeed` module, imported with its accelerator chosen first: it picks one on import and would take
+    CUDA's on a CPU-only machine with a CUDA build of torch."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
 
-    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ["LOCAL_RANK"])
-    if device == "cuda":
-        torch.cuda.set_device(local_rank)
-    if not dist.is_initialized():
-        deepspeed.init_distributed(
-            dist_backend="nccl" if device == "cuda" else "gloo",
-            auto_mpi_discovery=False,
-            timeout=PROCESS_GROUP_TIMEOUT,
-            verbose=False,
-        )
-    dev = torch.device("cuda", local_rank) if device == "cuda" else torch.device("cpu")
-    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
+    return deepspeed
 
 
 def build_ds_config(run: RunConfig, optim: OptimConfig, world_size: int) -> dict[str, Any]:
@@ -145,8 +76,7 @@ def build_engine(model: torch.nn.Module, run: RunConfig, optim: OptimConfig, dis
     Returns the `DeepSpeedEngine` (call it, `.backward(loss)`, `.step()`); the scheduler advances only
     on optimizer steps, so `run.steps` counts optimizer steps whatever `grad_accum` is.
     """
-    import deepspeed
-
+    deepspeed = _deepspeed()
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
@@ -211,6 +141,7 @@ def fp32_state_dict(ckpt_dir: str | Path, tag: str) -> dict[str, torch.Tensor]:
 
 def _safe_globals() -> list:
     # The only non-tensor classes DeepSpeed pickles into its checkpoints (ZeRO 0-2, bf16/fp16, 0.19.8).
+    _deepspeed()
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
@@ -221,9 +152,3 @@ def _safe_globals() -> list:
 def _safe_load(path: str, map_location: Any = None) -> Any:
     with torch.serialization.safe_globals(_safe_globals()):
         return torch.load(path, map_location=map_location, weights_only=True)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -15,12 +15,11 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 from models.towers import build_model
@@ -34,14 +33,17 @@ from pipeline.checkpoint import (
     save_checkpoint,
 )
 from pipeline.config import dump_yaml, to_dict
-from pipeline.data import make_eval_loader, make_train_loader, resolve_shards
-from pipeline.data_config import DataConfig, DatasetSource, resolve_inputs
+from pipeline.data import make_train_loader, resolve_shards
+from pipeline.data_config import DataConfig, DatasetSource, data_config_for
 from pipeline.dataset import load_tokenizer, tokenizer_path
-from pipeline.engine import build_engine, grad_norm, init_distributed, launch_env, micro_batch_size, resume_schedule
+from pipeline.distributed import any_rank, barrier, init_distributed, launch_env
+from pipeline.engine import build_engine, grad_norm, micro_batch_size, resume_schedule
 from pipeline.losses import Objective, build_objective
 from pipeline.train_config import TrainConfig
 
 log = logging.getLogger(__name__)
+
+Evaluate = Callable[[Any, int], dict[str, float]]  # (model, step) -> metrics to log
 
 EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped by a signal after checkpointing; the SLURM script requeues on it
 
@@ -50,8 +52,14 @@ class TrainingDiverged(RuntimeError):
     """The loss stayed non-finite for `run.max_nonfinite` micro-batches in a row."""
 
 
-def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
-    """Train `cfg` in `<runs_dir>/<name>` (resuming from `latest` with `resume`); return the run's summary."""
+def train(cfg: TrainConfig, *, resume: bool = False, evaluate: Evaluate | None = None) -> dict:
+    """Train `cfg` in `<runs_dir>/<name>` (resuming from `latest` with `resume`); return the run's summary.
+
+    With `eval.every`, `evaluate(model, step) -> dict` runs on every rank at those steps and what it returns is
+    logged with the step's metrics (launch/ passes `eval.periodic.held_out_retrieval(cfg)`).
+    """
+    if cfg.eval.every and evaluate is None:
+        raise ValueError("eval.every is set but no evaluate callback was given (launch/ passes one; see train())")
     # ---- setup: everything that can be checked is checked before any work starts
     world_size = int(launch_env()["WORLD_SIZE"])
     num_samples = check_config(cfg, world_size)
@@ -63,7 +71,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
     run_dir = prepare_run_dir(cfg.run.runs_dir, cfg.run.name, resume=resume)
     if resume:
         check_same_model(run_dir, recipe_dict(cfg)["model"])
-    _barrier(world_size)  # every rank has looked at the run dir before rank 0 writes into it
+    barrier()  # every rank has looked at the run dir before rank 0 writes into it
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_yaml(recipe_dict(cfg), run_dir / "config.yaml")
@@ -72,10 +80,8 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
     # ---- model and data
     model = build_model(cfg.model)
     contracts = model.input_contracts()
-    data_cfg = resolve_inputs(cfg.data, video=contracts.get("video"), audio=contracts.get("audio"),
-                              text=contracts.get("text"))  # fmt: skip
-    data_cfg = dataclasses.replace(data_cfg, batch_size=micro_batch_size(cfg.run.batch_size, world_size,
-                                                                         cfg.run.grad_accum))  # fmt: skip
+    micro = micro_batch_size(cfg.run.batch_size, world_size, cfg.run.grad_accum)
+    data_cfg = dataclasses.replace(data_config_for(cfg.data, contracts), batch_size=micro)
     loader = make_train_loader(data_cfg, rank=rank, world_size=world_size, seed=cfg.run.seed, device=device)
     objective = build_objective(cfg.loss, num_samples=num_samples).to(device)
     assert not list(objective.parameters()), "objectives hold buffers only; parameters belong to the model"
@@ -118,7 +124,9 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
             if trace is not None:
                 trace.write(json.dumps({"step": step, "idx": batch["idx"].tolist()}) + "\n")
             metrics = train_step(engine, objective, batch, device)
-            nonfinite, signalled = _agree(not math.isfinite(metrics["loss"]), stop.signal_name is not None, device)
+            nonfinite, signalled = any_rank(
+                not math.isfinite(metrics["loss"]), stop.signal_name is not None, device=device
+            )
             counters["samples_seen"] += len(batch["idx"]) * world_size
             if nonfinite:
                 counters["nonfinite_total"] += 1
@@ -141,12 +149,13 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
             if step % cfg.run.log_every == 0 or step == total:
                 logged = window.flush(engine, counters, loader.skipped)
                 metrics_out.write(step, logged)
-                bar.set_postfix(loss=f"{logged['loss']:.4f}", lr=f"{logged['lr']:.2e}",
-                                clips_s=f"{logged['clips_per_s']:.1f}")  # fmt: skip
+                bar.set_postfix(
+                    loss=f"{logged['loss']:.4f}", lr=f"{logged['lr']:.2e}", clips_s=f"{logged['clips_per_s']:.1f}"
+                )
             if step % cfg.run.ckpt_every == 0 or step == total or signalled:
                 _save(engine, objective, loader, counters, run_dir, step, cfg, rank, world_size)
             if cfg.eval.every and (step % cfg.eval.every == 0 or step == total):
-                metrics_out.write(step, periodic_eval(engine, data_cfg, cfg, run_dir, step, rank, world_size))
+                metrics_out.write(step, evaluate(engine, step))
             if signalled:
                 log.warning("received %s: saved step %d, stopping (resume with --resume)", stop.signal_name, step)
                 break
@@ -158,10 +167,17 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
         if trace is not None:
             trace.write(json.dumps({"final_step": step, "param_checksum": param_checksum(engine.module)}) + "\n")
             trace.close()
-    summary = {"run_dir": str(run_dir), "step": step, "steps": total, "stopped_by": stop.signal_name,
-               "samples_seen": counters["samples_seen"], "nonfinite_total": counters["nonfinite_total"],
-               "skipped_samples": dict(loader.skipped), "last": window.last}  # fmt: skip
-    _barrier(world_size)
+    summary = {
+        "run_dir": str(run_dir),
+        "step": step,
+        "steps": total,
+        "stopped_by": stop.signal_name,
+        "samples_seen": counters["samples_seen"],
+        "nonfinite_total": counters["nonfinite_total"],
+        "skipped_samples": dict(loader.skipped),
+        "last": window.last,
+    }
+    barrier()
     return summary
 
 
@@ -177,7 +193,7 @@ def train_step(engine: Any, objective: Objective, batch: dict, device: torch.dev
     metrics = {"loss": float(loss.detach())}
     metrics.update({f"loss/{k}": float(v.detach()) for k, v in terms.items()})
     finite = all(math.isfinite(v) for v in metrics.values())
-    if not _all_ranks(finite, device):
+    if any_rank(not finite, device=device)[0]:
         return {**metrics, "loss": float("nan")}  # the loop counts it; every rank skips backward and step
     boundary = engine.is_gradient_accumulation_boundary()
     lr = float(engine.get_lr()[0])  # the rate this optimizer step uses
@@ -206,11 +222,6 @@ def check_config(cfg: TrainConfig, world_size: int) -> int:
     if sl is not None:
         if any(s.samples is None for s in shards):
             raise ValueError("self-labelling needs dataset dirs with dataset.json (sample counts size the label table)")
-        if (sl.heads, sl.clusters) != (cfg.model.selflabel_heads, cfg.model.selflabel_clusters):
-            raise ValueError(
-                f"loss.selflabel heads/clusters = {sl.heads}/{sl.clusters} but model.selflabel_heads/clusters = "
-                f"{cfg.model.selflabel_heads}/{cfg.model.selflabel_clusters}: they must match"
-            )
     if cfg.model.text is not None and cfg.data.text.enabled:
         _check_tokenizer(cfg)
     return sum(s.samples or 0 for s in shards)
@@ -239,8 +250,9 @@ def endless(loader: Any) -> Iterator[dict]:
 
 
 @torch.no_grad()
-def relabel_pass(engine: Any, objective: Objective, data_cfg: DataConfig, *, rank: int, world_size: int,
-                 seed: int) -> dict[str, float]:  # fmt: skip
+def relabel_pass(
+    engine: Any, objective: Objective, data_cfg: DataConfig, *, rank: int, world_size: int, seed: int
+) -> dict[str, float]:
     """One self-labelling run: an augmented pass over the whole dataset per head group, then Sinkhorn-Knopp."""
     sl = objective.selflabel
     engine.eval()
@@ -258,37 +270,17 @@ def relabel_pass(engine: Any, objective: Objective, data_cfg: DataConfig, *, ran
             idx.append(batch["idx"])
             has.append(batch.get("has_audio", torch.ones_like(batch["idx"], dtype=torch.bool)))
         audio_all = None if not audio or audio[0] is None else torch.cat(audio)
-        stats = sl.relabel(torch.cat(video), audio_all, torch.cat(idx), heads=heads,
-                           has_audio=torch.cat(has) if audio_all is not None else None)  # fmt: skip
+        stats = sl.relabel(
+            torch.cat(video),
+            audio_all,
+            torch.cat(idx),
+            heads=heads,
+            has_audio=torch.cat(has) if audio_all is not None else None,
+        )
         if "audio_perm" in stats:  # first labelling: the model reorders its audio heads from now on
             engine.module.set_audio_permutation(stats.pop("audio_perm"))
     engine.train()
     return stats
-
-
-def periodic_eval(engine: Any, data_cfg: DataConfig, cfg: TrainConfig, run_dir: Path, step: int, rank: int,
-                  world_size: int) -> dict[str, float]:  # fmt: skip
-    """Embed the held-out dataset with the current weights and score text->video retrieval in every space
-    that has both (rank 0 computes the metrics; every rank embeds its share)."""
-    from eval.embed import extract_embeddings, read_embeddings
-    from eval.retrieval import retrieval_metrics
-
-    eval_cfg = dataclasses.replace(data_cfg, datasets=[DatasetSource(cfg.eval.dataset)], with_meta=True,
-                                   eval_windows=1, num_workers=min(data_cfg.num_workers, 1))  # fmt: skip
-    out = run_dir / "eval" / f"step_{step:08d}"
-    engine.eval()
-    extract_embeddings(engine, make_eval_loader(eval_cfg, rank=rank, world_size=world_size), out, rank=rank,
-                       world_size=world_size, device=engine.device)  # fmt: skip
-    engine.train()
-    if rank != 0:
-        return {}
-    emb, results = read_embeddings(out), {}
-    for space in (s.name for s in cfg.model.spaces if {"video", "text"} <= set(s.modalities)):
-        sim = emb.get(f"text@{space}") @ emb.get(f"video@{space}").T  # (C, N)
-        m = retrieval_metrics(sim, [[int(v)] for v in emb.caption_video])
-        results.update({f"eval/{space}/t2v_R@{k}": m[f"R@{k}"] for k in (1, 5, 10)})
-    log.info("eval at step %d: %s", step, {k: round(v, 2) for k, v in results.items()})
-    return results
 
 
 def open_trace(run_dir: Path, rank: int):
@@ -377,8 +369,16 @@ class MetricsWriter:
 def _save(engine, objective, loader, counters, run_dir, step, cfg, rank, world_size) -> None:
     client = {"step": step, "counters": dict(counters), "objective": objective.state_dict(), "config": to_dict(cfg)}
     rank_state = {"loader": loader.state_dict(), "torch_rng": torch.get_rng_state()}
-    tag = save_checkpoint(engine, run_dir, step=step, client_state=client, rank_state=rank_state,
-                          keep=cfg.run.keep_ckpts, rank=rank, world_size=world_size)  # fmt: skip
+    tag = save_checkpoint(
+        engine,
+        run_dir,
+        step=step,
+        client_state=client,
+        rank_state=rank_state,
+        keep=cfg.run.keep_ckpts,
+        rank=rank,
+        world_size=world_size,
+    )
     log.info("saved checkpoint %s", tag)
 
 
@@ -407,25 +407,3 @@ def _module_grad_norm(module: torch.nn.Module) -> float | None:
     if not grads:
         return None  # ZeRO 1/2 keep gradients in their own buffers; DeepSpeed reports the norm then
     return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
-
-
-def _all_ranks(flag: bool, device: torch.device) -> bool:
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return flag
-    t = torch.tensor([0 if flag else 1], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.item() == 0
-
-
-def _agree(nonfinite: bool, signalled: bool, device: torch.device) -> tuple[bool, bool]:
-    """The same (skip, stop) answer on every rank: any rank's NaN or signal counts for all."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return nonfinite, signalled
-    t = torch.tensor([int(nonfinite), int(signalled)], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t[0]), bool(t[1])
-
-
-def _barrier(world_size: int) -> None:
-    if world_size > 1:
-        dist.barrier()

@@ -77,11 +77,13 @@ class EvalConfig:
 
     every: int = 0
     dataset: str = ""  # a built dataset directory (usually the test split)
-    max_samples: int = 512
+    max_samples: int = 512  # embed the first shards holding at least this many videos (0: the whole dataset)
 
     def __post_init__(self) -> None:
         if self.every < 0:
             raise ValueError(f"eval.every must be >= 0, got {self.every}")
+        if self.max_samples < 0:
+            raise ValueError(f"eval.max_samples must be >= 0 (0 = all), got {self.max_samples}")
         if self.every and not self.dataset:
             raise ValueError("eval.every is set but eval.dataset is empty: name the held-out dataset directory")
 
@@ -103,11 +105,73 @@ def load_train_config(path: str | Path, overrides: Sequence[str] = ()) -> TrainC
     return train_config_from_dict(apply_overrides(load_yaml(path), list(overrides)), where=str(path))
 
 
+# Data settings that a recipe sets elsewhere (each fact has one home): the key under `data`, and where it is set.
+DERIVED_DATA_KEYS = {
+    "batch_size": "run.batch_size (global)",
+    "num_frames": "model.num_frames",
+    "size": "model.size",
+    "fps": "model.fps",
+    "mean": "the video encoder's input contract",
+    "std": "the video encoder's input contract",
+    "audio.sample_rate": "model.sample_rate",
+    "audio.num_mel_bins": "model.num_mel_bins",
+    "audio.seconds": "model.audio_seconds",
+    "audio.win_ms": "the audio encoder's input contract",
+    "audio.hop_ms": "the audio encoder's input contract",
+    "text.max_tokens": "model.max_tokens",
+}
+
+
 def train_config_from_dict(data: dict, *, where: str = "config") -> TrainConfig:
-    """Validate plain data into a `TrainConfig`; errors name the file and the key."""
-    if isinstance(data.get("data"), dict) and "batch_size" in data["data"]:
-        raise ConfigError(f"{where}: data.batch_size is derived from run.batch_size (global); set that instead")
+    """Validate plain data into a `TrainConfig`; errors name the file and the key.
+
+    Facts with a home elsewhere are refused in the data and loss sections: clip, audio and text settings belong
+    to the model (`DERIVED_DATA_KEYS`), which modalities are loaded follows the model's towers, and the
+    self-label heads and clusters are `model.selflabel_heads/clusters`. A saved run's config.yaml, which
+    records the derived values, loads back as long as they agree with their home.
+    """
+    data = _derive(dict(data), where)
     try:
         return from_dict(TrainConfig, data)
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
+
+
+def _derive(cfg: dict, where: str) -> dict:
+    model = cfg.get("model") if isinstance(cfg.get("model"), dict) else {}
+    towers = {"video": model.get("video", "set"), "audio": model.get("audio"), "text": model.get("text")}
+    section = cfg.get("data")
+    if isinstance(section, dict):
+        section = {k: dict(v) if isinstance(v, dict) else v for k, v in section.items()}
+        for key, home in DERIVED_DATA_KEYS.items():
+            parent, _, leaf = key.rpartition(".")
+            holder = section.get(parent, {}) if parent else section
+            if isinstance(holder, dict) and (holder.get(leaf) is not None or key == "batch_size" and leaf in holder):
+                raise ConfigError(f"{where}: data.{key} is derived from {home}; set that instead")
+        for modality in ("audio", "text"):
+            sub = section.setdefault(modality, {})
+            has_tower = towers[modality] is not None
+            if isinstance(sub, dict):
+                if "enabled" in sub and bool(sub["enabled"]) != has_tower:
+                    raise ConfigError(
+                        f"{where}: data.{modality}.enabled={sub['enabled']} but the model has "
+                        f"{'a' if has_tower else 'no'} {modality} tower: the loader reads the modalities of the "
+                        f"model's towers (model.{modality})"
+                    )
+                sub["enabled"] = has_tower
+        cfg["data"] = section
+    loss = cfg.get("loss")
+    if isinstance(loss, dict) and isinstance(loss.get("selflabel"), dict):
+        sl = dict(loss["selflabel"])
+        if not model.get("selflabel_heads"):
+            raise ConfigError(f"{where}: loss.selflabel needs self-label heads: set model.selflabel_heads/clusters")
+        for key, home in (("heads", "selflabel_heads"), ("clusters", "selflabel_clusters")):
+            if key in sl and sl[key] != model.get(home):
+                raise ConfigError(
+                    f"{where}: loss.selflabel.{key}={sl[key]} disagrees with model.{home}={model.get(home)}: the "
+                    f"heads and clusters are set once, as model.{home}"
+                )
+            if model.get(home):
+                sl[key] = model[home]
+        cfg["loss"] = {**loss, "selflabel": sl}
+    return cfg

@@ -39,7 +39,9 @@ def _make_dataset(root, captions_per_sample, extra_members=()):
     per_shard = 3
     shards = []
     for shard in range(0, len(captions_per_sample), per_shard):
-        shards.append({"name": f"{shard // per_shard:06d}.tar", "samples": min(per_shard, len(captions_per_sample) - shard)})
+        shards.append(
+            {"name": f"{shard // per_shard:06d}.tar", "samples": min(per_shard, len(captions_per_sample) - shard)}
+        )
         with tarfile.open(root / "shards" / shards[-1]["name"], "w") as tar:
             for idx in range(shard, min(shard + per_shard, len(captions_per_sample))):
                 key = f"{idx:06d}"

@@ -348,15 +348,44 @@ def test_vatp_embed_under_srun_maps_slurm_variables_like_training(setup, single,
         port = s.getsockname()[1]
     drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
     base = {k: v for k, v in os.environ.items() if k not in drop}
-    cmd = [sys.executable, "-m", "launch.cli", "embed", "--checkpoint", str(export), "--data", str(data),
-           "--out", str(tmp_path / "emb"), "--windows", str(WINDOWS), "--batch-size", "3", "--workers", "0",
-           "--device", "cpu"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "launch.cli",
+        "embed",
+        "--checkpoint",
+        str(export),
+        "--data",
+        str(data),
+        "--out",
+        str(tmp_path / "emb"),
+        "--device",
+        "cpu",
+        "--set",
+        f"windows={WINDOWS}",
+        "--set",
+        "batch_size=3",
+        "--set",
+        "workers=0",
+    ]
     procs = [
-        subprocess.Popen(cmd, cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                         env={**base, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r), "SLURM_NTASKS": "2",
-                              "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"})
+        subprocess.Popen(
+            cmd,
+            cwd=Path(__file__).resolve().parents[1],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env={
+                **base,
+                "SLURM_PROCID": str(r),
+                "SLURM_LOCALID": str(r),
+                "SLURM_NTASKS": "2",
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(port),
+                "OMP_NUM_THREADS": "1",
+            },
+        )
         for r in range(2)
-    ]  # fmt: skip
+    ]
     outs = [p.communicate(timeout=240)[0].decode() for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     emb = read_embeddings(tmp_path / "emb")

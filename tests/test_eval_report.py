@@ -56,7 +56,7 @@ def clustered(tiny_dataset, tmp_path_factory):
         for s in samples
     ]
     emb = write_embedding_dir(tmp_path_factory.mktemp("emb"), meta, {"video@vt": x})
-    assert main(["eval", "cluster", str(emb), "--k", str(len(labels)), "--nredo", "3", "--shots", "1"]) == 0
+    assert main(["eval", "cluster", str(emb), "--k", str(len(labels)), "--set", "nredo=3", "--set", "shots=[1]"]) == 0
     return emb, samples, labels
 
 
@@ -102,15 +102,22 @@ def test_report_renders_in_headless_chromium(clustered, tiny_dataset, tmp_path):
             str(out),
             "--k",
             str(len(labels)),
-            "--preview",
-            "jpg",
+            "--set",
+            "preview=jpg",
         ]
     )
     flags = [
-        CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
         f"--user-data-dir={tmp_path / 'profile'}",
-    ]  # fmt: skip
+    ]
     url = (out / "index.html").as_uri()
     dom = subprocess.run([*flags, "--dump-dom", url], capture_output=True, text=True, timeout=120, check=True).stdout
     # count what the browser parsed, not what we wrote: the DOM serialiser rewrites quotes

@@ -177,7 +177,8 @@ def test_eval_retrieval_command_collapsed_model_scores_at_the_bottom(tmp_path):
     from launch.cli import main
 
     emb = write_embedding_dir(tmp_path / "emb", collapse=True)
-    assert main(["eval", "retrieval", str(emb), "--no-classes", "--direction", "text->video@vt"]) == 0
+    argv = ["eval", "retrieval", str(emb), "--set", "classes=false", "--set", "directions=[text->video@vt]"]
+    assert main(argv) == 0
     out = json.loads((emb / "retrieval.json").read_text())
     assert list(out) == ["text->video@vt"]
     assert out["text->video@vt"]["R@1"] == 0.0 and out["text->video@vt"]["MedR"] == 12.0

@@ -30,8 +30,11 @@ def dataset(dataset_with_tokenizer):
 
 
 def _env() -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                               "MASTER_PORT", "LOCAL_WORLD_SIZE")}  # fmt: skip
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
+    }
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     return env
 
@@ -43,8 +46,16 @@ def _port() -> int:
 
 
 def _train_args(dataset: Path, runs: Path, *extra: str) -> list[str]:
-    sets = [f"data.datasets=[{{path: {dataset}}}]", f"run.runs_dir={runs}", "run.batch_size=4", "data.num_workers=0",
-            "run.tensorboard=false", "run.trace_samples=true", "run.name=dist", *extra]  # fmt: skip
+    sets = [
+        f"data.datasets=[{{path: {dataset}}}]",
+        f"run.runs_dir={runs}",
+        "run.batch_size=4",
+        "data.num_workers=0",
+        "run.tensorboard=false",
+        "run.trace_samples=true",
+        "run.name=dist",
+        *extra,
+    ]
     return ["-m", "launch.cli", "train", "quickstart_tiny", *[a for s in sets for a in ("--set", s)]]
 
 
@@ -74,7 +85,7 @@ def _torchrun_two_nodes(args: list[str], timeout: float = 240) -> None:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
-        )  # fmt: skip
+        )
         for node in (0, 1)
     ]
     outputs = []
@@ -114,8 +125,15 @@ def test_two_node_ranks_split_data_agree_on_weights_and_resume(dataset, tmp_path
 
 
 def test_sigkill_mid_training_then_resume_continues(dataset, tmp_path):
-    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-            *_train_args(dataset, tmp_path, "run.steps=200", "run.ckpt_every=1", "run.keep_ckpts=2")]  # fmt: skip
+    args = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        *_train_args(dataset, tmp_path, "run.steps=200", "run.ckpt_every=1", "run.keep_ckpts=2"),
+    ]
     proc = subprocess.Popen(args, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     run_dir = tmp_path / "dist"
     try:
@@ -135,10 +153,22 @@ def test_sigkill_mid_training_then_resume_continues(dataset, tmp_path):
     losses_before = {m["step"]: m["loss"] for m in _metrics(run_dir)}
 
     subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         *_train_args(dataset, tmp_path, f"run.steps={killed_at + 2}", "run.ckpt_every=1"), "--resume"],
-        cwd=REPO, env=_env(), check=True, timeout=240, capture_output=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            *_train_args(dataset, tmp_path, f"run.steps={killed_at + 2}", "run.ckpt_every=1"),
+            "--resume",
+        ],
+        cwd=REPO,
+        env=_env(),
+        check=True,
+        timeout=240,
+        capture_output=True,
+    )
     start = [t for t in _trace(run_dir, 0) if "start_step" in t][-1]
     assert start["start_step"] == killed_at and start["param_checksum"] == checksum
     after = [m for m in _metrics(run_dir) if m["step"] > killed_at][-2:]

@@ -13,8 +13,21 @@ from launch.cli import main
 
 def test_quickstart_runs_every_stage_and_a_rerun_reuses_them(tmp_path, capsys, restore_launcher_env):
     out = tmp_path / "qs"
-    args = ["quickstart", "--out", str(out), "--videos", "20", "--steps", "4",
-            "--set", "run.batch_size=4", "--set", "run.ckpt_every=2", "--set", "data.num_workers=0"]  # fmt: skip
+    args = [
+        "quickstart",
+        "--out",
+        str(out),
+        "--videos",
+        "20",
+        "--steps",
+        "4",
+        "--set",
+        "run.batch_size=4",
+        "--set",
+        "run.ckpt_every=2",
+        "--set",
+        "data.num_workers=0",
+    ]
     assert main(args) == 0
     table = capsys.readouterr().out
     result = json.loads((out / "quickstart.json").read_text())

@@ -56,9 +56,13 @@ def test_tiny_recipe_trains_to_a_finite_loss(name, dataset, tmp_path, restore_la
 
     cfg = load_train_config(
         CONFIGS / f"{name}.yaml",
-        [f"data.datasets=[{{path: {dataset}}}]", f"run.runs_dir={tmp_path}", "data.num_workers=0",
-         "run.tensorboard=false"],
-    )  # fmt: skip
+        [
+            f"data.datasets=[{{path: {dataset}}}]",
+            f"run.runs_dir={tmp_path}",
+            "data.num_workers=0",
+            "run.tensorboard=false",
+        ],
+    )
     summary = train(cfg)
     assert summary["step"] == cfg.run.steps
     last = summary["last"]

@@ -275,9 +275,14 @@ def test_first_labelling_permutation_aligns_the_model_and_survives_export(tmp_pa
 
     torch.manual_seed(0)
     cfg = ModelConfig(
-        video="s3d_tiny", audio="audio_tiny", spaces=[SpaceConfig("va", ["video", "audio"], dim=8, hidden=16)],
-        selflabel_heads=1, selflabel_clusters=3, size=32, num_frames=4,
-    )  # fmt: skip
+        video="s3d_tiny",
+        audio="audio_tiny",
+        spaces=[SpaceConfig("va", ["video", "audio"], dim=8, hidden=16)],
+        selflabel_heads=1,
+        selflabel_clusters=3,
+        size=32,
+        num_frames=4,
+    )
     model = build_model(cfg).eval()
     n, c = 12, cfg.contracts()
     batch = {

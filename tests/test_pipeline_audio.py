@@ -95,8 +95,10 @@ def test_log_mel_rejects_a_window_shorter_than_half_the_fft():
         A.log_mel(np.zeros(100, dtype=np.float32), 16000, 40, 25.0, 10.0)
 
 
-@pytest.mark.parametrize("fmt, subtype, channels", [("FLAC", "PCM_24", 1), ("WAV", "PCM_16", 1), ("WAV", "PCM_16", 2),
-                                                    ("WAV", "FLOAT", 1), ("FLAC", "PCM_16", 2)])  # fmt: skip
+@pytest.mark.parametrize(
+    "fmt, subtype, channels",
+    [("FLAC", "PCM_24", 1), ("WAV", "PCM_16", 1), ("WAV", "PCM_16", 2), ("WAV", "FLOAT", 1), ("FLAC", "PCM_16", 2)],
+)
 def test_read_windows_equals_the_slices_of_the_full_decode(fmt, subtype, channels):
     wav = np.random.default_rng(1).uniform(-0.5, 0.5, (16000 * 3, channels)).astype(np.float32)
     buf = io.BytesIO()

@@ -230,8 +230,14 @@ def test_loader_hands_uint8_boxes_and_parameters_until_the_device_step(tiny_data
 
 @pytest.mark.parametrize("workers", [0, 1])
 def test_video_buffers_are_reused_only_after_to_device_released_them(tiny_dataset, tokenizer, workers):
-    cfg = make_cfg(tiny_dataset, tokenizer, views="selflabel", epoch_samples=16, num_workers=workers,
-                   augment=AugmentConfig(where="device"))  # fmt: skip
+    cfg = make_cfg(
+        tiny_dataset,
+        tokenizer,
+        views="selflabel",
+        epoch_samples=16,
+        num_workers=workers,
+        augment=AugmentConfig(where="device"),
+    )
     loader = make_train_loader(cfg, rank=0, world_size=1, seed=0)
     held = [(b, b["video"].clone()) for b in loader]  # raw batches kept, never released
     assert len(held) == 8

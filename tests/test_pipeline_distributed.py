@@ -73,6 +73,9 @@ def worker(rank, port, out_path):
             torch.tensor(D.is_main()),
         )
         res["varlen"] = D.all_gather_varlen(torch.arange(rank + 2))  # 2 rows on rank 0, 3 on rank 1
+        res["any_rank"] = torch.tensor(D.any_rank(rank == 1, False, rank == 0))
+        counts = D.sum_counts({"video_decode": 2, "no_captions": 1} if rank == 0 else {"video_decode": 3})
+        res["counts"] = torch.tensor([counts["video_decode"], counts["no_captions"], len(counts)])
         sk_rows = slice(0, 9) if rank == 0 else slice(9, 23)  # uneven rows per rank
         res["sk"] = D.all_gather_varlen(sinkhorn_knopp(x["scores"][sk_rows], 20.0, distributed=True, tol=1e-3))
         sharp = sinkhorn(x["sharp"][:150] if rank == 0 else x["sharp"][150:], 20.0, distributed=True, tol=1e-3)
@@ -109,6 +112,10 @@ def test_rank_utilities(two_ranks):
     assert [int(r["rank"]) for r in two_ranks] == [0, 1]
     assert all(int(r["world"]) == 2 for r in two_ranks) and [bool(r["main"]) for r in two_ranks] == [True, False]
     assert two_ranks[0]["varlen"].tolist() == [0, 1, 0, 1, 2]
+    for r in two_ranks:  # the same answers on every rank
+        assert r["any_rank"].tolist() == [True, False, True]
+        assert r["counts"].tolist() == [5, 1, 2]
+    assert D.any_rank(True, False) == (True, False) and D.sum_counts({"a": 1}) == {"a": 1}  # one process
     assert D.world_size() == 1 and D.rank() == 0 and D.is_main()  # this process: not initialised
     assert torch.equal(D.all_gather_with_grad(torch.ones(2)), torch.ones(2))
 

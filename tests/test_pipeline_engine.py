@@ -10,15 +10,8 @@ import pytest
 import torch
 
 from pipeline import checkpoint as ckpt
-from pipeline.engine import (
-    build_ds_config,
-    build_engine,
-    fp32_state_dict,
-    grad_norm,
-    init_distributed,
-    launch_env,
-    micro_batch_size,
-)
+from pipeline.distributed import init_distributed, launch_env
+from pipeline.engine import build_ds_config, build_engine, fp32_state_dict, grad_norm, micro_batch_size
 from pipeline.schedules import warmup_cosine
 from pipeline.train_config import OptimConfig, RunConfig
 
@@ -172,8 +165,16 @@ def test_checkpoint_round_trip_restores_weights_optimizer_and_step(dist_info, tm
     engine = _engine(dist_info, optim=OptimConfig(lr=0.05, warmup_steps=3))
     _train(engine, 4)
     run_dir = tmp_path / "run"
-    tag = ckpt.save_checkpoint(engine, run_dir, step=4, client_state={"counters": {"samples_seen": 16}},
-                               rank_state={"loader": {"epoch": 2}}, keep=2, rank=0, world_size=1)  # fmt: skip
+    tag = ckpt.save_checkpoint(
+        engine,
+        run_dir,
+        step=4,
+        client_state={"counters": {"samples_seen": 16}},
+        rank_state={"loader": {"epoch": 2}},
+        keep=2,
+        rank=0,
+        world_size=1,
+    )
     assert tag == "step_00000004" and ckpt.latest_tag(run_dir) == tag
     _train(engine, 3)  # continue: these are the numbers a restored engine must reproduce
     want = engine.module.lin.weight.detach().clone()

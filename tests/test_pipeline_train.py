@@ -31,9 +31,16 @@ def tiny_cfg(dataset: Path, runs: Path, *overrides: str):
     """The quickstart_tiny recipe on the tiny dataset: 2 clips of 4 x 32 x 32, in-process loading."""
     return load_train_config(
         CONFIGS / "quickstart_tiny.yaml",
-        [f"data.datasets=[{{path: {dataset}}}]", f"run.runs_dir={runs}", "run.batch_size=2", "data.num_workers=0",
-         "run.tensorboard=false", "run.trace_samples=true", *overrides],
-    )  # fmt: skip
+        [
+            f"data.datasets=[{{path: {dataset}}}]",
+            f"run.runs_dir={runs}",
+            "run.batch_size=2",
+            "data.num_workers=0",
+            "run.tensorboard=false",
+            "run.trace_samples=true",
+            *overrides,
+        ],
+    )
 
 
 def _metrics(run_dir: Path) -> list[dict]:
@@ -58,8 +65,9 @@ def test_train_checkpoint_resume_continues_step_counter_and_weights(dataset, tmp
     steps = [m["step"] for m in _metrics(run_dir)]
     assert steps == [1, 2, 3]
     # the resumed step runs on the 3-step schedule, not at the 2-step schedule's final rate of 0
-    expected = saved_cfg.optim.lr * warmup_cosine(2, total_steps=3, warmup_steps=saved_cfg.optim.warmup_steps,
-                                                  final_ratio=saved_cfg.optim.final_lr_ratio)  # fmt: skip
+    expected = saved_cfg.optim.lr * warmup_cosine(
+        2, total_steps=3, warmup_steps=saved_cfg.optim.warmup_steps, final_ratio=saved_cfg.optim.final_lr_ratio
+    )
     assert _metrics(run_dir)[2]["lr"] == pytest.approx(expected) and expected > 0
     assert all(torch.isfinite(torch.tensor(m["loss"])) for m in _metrics(run_dir))
     trace = _trace(run_dir)
@@ -223,8 +231,63 @@ def test_a_checkpoint_holding_foreign_objects_is_refused_in_one_line(dataset, tm
 def test_training_through_the_batched_augmentation_step_lowers_the_loss(dataset, tmp_path, where):
     """The loop hands raw batches to `Loader.to_device` (where=device) or gets them augmented from the loader
     (where=workers); either way the model fits the 8 tiny clips: the loss falls well below its start."""
-    summary = train(tiny_cfg(dataset, tmp_path, "run.steps=40", "run.log_every=1", "run.ckpt_every=40",
-                             "optim.lr=0.01", f"data.augment.where={where}"))  # fmt: skip
+    summary = train(
+        tiny_cfg(
+            dataset,
+            tmp_path,
+            "run.steps=40",
+            "run.log_every=1",
+            "run.ckpt_every=40",
+            "optim.lr=0.01",
+            f"data.augment.where={where}",
+        )
+    )
     losses = [m["loss"] for m in _metrics(Path(summary["run_dir"]))]
     assert len(losses) == 40 and all(math.isfinite(x) for x in losses)
     assert sum(losses[-8:]) / 8 < 0.8 * sum(losses[:8]) / 8
+
+
+def test_periodic_eval_runs_through_the_callback_launch_passes(dataset, tmp_path):
+    from eval.embed import read_embeddings
+    from eval.periodic import held_out_retrieval, held_out_sources
+
+    cfg = tiny_cfg(dataset, tmp_path, "run.steps=2", "eval.every=2", f"eval.dataset={dataset}", "eval.max_samples=1")
+    with pytest.raises(ValueError, match="evaluate callback"):
+        train(cfg)
+    summary = train(cfg, evaluate=held_out_retrieval(cfg))
+    logged = [m for m in _metrics(Path(summary["run_dir"])) if "eval/vt/t2v_R@1" in m]
+    assert [m["step"] for m in logged] == [2] and 0 <= logged[0]["eval/vt/t2v_R@10"] <= 100
+    # eval.max_samples=1 embeds the first shard only, not the whole held-out dataset
+    first = held_out_sources(str(dataset), 1)
+    assert len(first) == 1 and len(held_out_sources(str(dataset), 0)) == 1
+    embedded = read_embeddings(Path(summary["run_dir"]) / "eval" / "step_00000002")
+    shard_samples = json.loads((dataset / "dataset.json").read_text())["shards"][0]["samples"]
+    assert len(embedded.idx) == shard_samples < json.loads((dataset / "dataset.json").read_text())["samples"]
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("data.size=64", "data.size is derived from model.size"),
+        ("data.text.max_tokens=8", "data.text.max_tokens is derived from model.max_tokens"),
+        ("data.audio.enabled=true", "no audio tower"),
+        ("data.text.enabled=false", "a text tower"),
+    ],
+)
+def test_each_fact_is_set_in_one_section(dataset, tmp_path, override, message):
+    with pytest.raises(ConfigError, match=message):
+        tiny_cfg(dataset, tmp_path, override)
+    cfg = tiny_cfg(dataset, tmp_path)
+    assert cfg.data.text.enabled and not cfg.data.audio.enabled  # from the towers: text_tiny, no audio
+
+
+def test_self_label_heads_and_clusters_come_from_the_model(dataset, tmp_path):
+    cfg = load_train_config(CONFIGS / "selavi_av_tiny.yaml", [f"data.datasets=[{{path: {dataset}}}]"])
+    assert (cfg.loss.selflabel.heads, cfg.loss.selflabel.clusters) == (
+        cfg.model.selflabel_heads,
+        cfg.model.selflabel_clusters,
+    )
+    with pytest.raises(ConfigError, match="disagrees with model.selflabel_clusters"):
+        load_train_config(CONFIGS / "selavi_av_tiny.yaml", ["loss.selflabel.clusters=7"])
+    with pytest.raises(ConfigError, match="needs self-label heads"):
+        load_train_config(CONFIGS / "selavi_av_tiny.yaml", ["model.selflabel_heads=0", "model.selflabel_clusters=0"])
