@@ -26,7 +26,15 @@ from data_prep.pool import CrashSafePool
 from data_prep.readers import read_sources
 from data_prep.shards import encode_sample_json, write_json_atomic, write_shard
 from data_prep.sources import Failure, SourceItem
-from pipeline.dataset import AUDIO_MEMBERS, FORMAT_NAME, FORMAT_VERSION, sample_key, shard_name
+from pipeline.dataset import (
+    AUDIO_MEMBERS,
+    DATASET_JSON,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    SHARDS_DIR,
+    sample_key,
+    shard_name,
+)
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +116,7 @@ def build_dataset(
         raise ValueError(f"no videos found in {input} (format {fmt!r}{f', split {split!r}' if split else ''})")
     if stale := media.sweep_stale_temp():
         log.info("removed %d temporary folder(s) left by killed workers", stale)
-    (out / "shards").mkdir(parents=True, exist_ok=True)
+    (out / SHARDS_DIR).mkdir(parents=True, exist_ok=True)
     (out / "stats").mkdir(exist_ok=True)
     pool = CrashSafePool(workers)
     try:
@@ -163,12 +171,12 @@ def _check_options(fps, short_side, max_seconds, sample_rate, audio_format, samp
 
 
 def _shard_done(out: Path, s: int) -> bool:
-    return (out / "shards" / shard_name(s)).exists() and (out / "stats" / f"{s:06d}.json").exists()
+    return (out / SHARDS_DIR / shard_name(s)).exists() and (out / "stats" / f"{s:06d}.json").exists()
 
 
 def _remove_stale_tmp(out: Path, shards: list[int]) -> None:
     for s in shards:
-        for stale in [out / "shards" / f"{shard_name(s)}.tmp", *(out / "stats").glob(f"{s:06d}.json.*tmp")]:
+        for stale in [out / SHARDS_DIR / f"{shard_name(s)}.tmp", *(out / "stats").glob(f"{s:06d}.json.*tmp")]:
             stale.unlink(missing_ok=True)
 
 
@@ -264,7 +272,7 @@ def _sample(item: SourceItem, chunk: Chunk, got: media.ChunkMedia, prep: dict) -
 
 
 def _finish_shard(out: Path, s: int, samples, problems: list[Failure], source_seconds, elapsed, summary) -> None:
-    size = write_shard(str(out / "shards" / shard_name(s)), [(key, files) for key, files, _ in samples])
+    size = write_shard(str(out / SHARDS_DIR / shard_name(s)), [(key, files) for key, files, _ in samples])
     failures = [f for f in problems if not f.kept]
     by_reason = collections.Counter(f.reason for f in failures)
     kept = collections.Counter(f.reason for f in problems if f.kept)
@@ -325,5 +333,5 @@ def _finalize(out: Path, plan: Plan, n_shards: int, prep: dict) -> bool:
         "prep": prep,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    write_json_atomic(str(out / "dataset.json"), dataset)
+    write_json_atomic(str(out / DATASET_JSON), dataset)
     return True

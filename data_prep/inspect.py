@@ -12,7 +12,7 @@ import soundfile
 from tqdm import tqdm
 
 from data_prep.build import AUDIO_TOLERANCE_S
-from pipeline.dataset import AUDIO_MEMBERS, iter_tar_members, read_dataset_json, sample_key, split_member
+from pipeline.dataset import AUDIO_MEMBERS, SHARDS_DIR, iter_tar_members, read_dataset_json, sample_key, split_member
 
 SAMPLE_FIELDS = {
     "id": str,
@@ -89,7 +89,7 @@ def inspect_dataset(dir: str | os.PathLike, *, decode: int = 8) -> InspectReport
     offset = 0
     for entry in tqdm(meta["shards"], desc="inspect", unit="shard", leave=False):
         first, offset = offset, offset + entry["samples"]
-        samples = _read_shard(root / "shards" / entry["name"], report)
+        samples = _read_shard(root / SHARDS_DIR / entry["name"], report)
         if samples is None:
             continue
         report.shards += 1

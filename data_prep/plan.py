@@ -20,6 +20,7 @@ from data_prep import media
 from data_prep.pool import CrashSafePool
 from data_prep.shards import write_json_atomic
 from data_prep.sources import Failure, SourceItem, SourceList
+from pipeline.dataset import SHARDS_DIR
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +148,7 @@ def _reprobe_transient(pool, out: Path, items: list[SourceItem], probes: list[di
     holds an idx yet and no other part is planning from the same plan.json (so: one part only).
     """
     again = [i for i, p in enumerate(probes) if p.get("reason") in TRANSIENT]
-    written = any((out / "shards").glob("*.tar")) or any((out / "stats").glob("*.json"))
+    written = any((out / SHARDS_DIR).glob("*.tar")) or any((out / "stats").glob("*.json"))
     if not may or written:
         why = "shards are already written" if written else "the build is split into parts"
         log.warning(

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from eval import embed_files
 from eval.embed_files import COMPLETE, Embeddings, merge_parts, read_embeddings
-from pipeline.dataset import encode_batch, iter_json_members, load_tokenizer
+from pipeline.dataset import DATASET_JSON, SHARDS_DIR, encode_batch, iter_json_members, load_tokenizer
 from pipeline.distributed import barrier, sum_counts
 
 log = logging.getLogger(__name__)
@@ -127,7 +127,7 @@ def embed_dataset(
     from pipeline.data_config import DataConfig, DatasetSource, data_config_for
 
     out = Path(out)
-    if not Path(dataset, "dataset.json").is_file() and not Path(dataset, "shards").is_dir():
+    if not Path(dataset, DATASET_JSON).is_file() and not Path(dataset, SHARDS_DIR).is_dir():
         raise ValueError(f"dataset not found: {dataset} has no dataset.json and no shards/ (build it with `vatp data`)")
     if (out / COMPLETE).is_file():
         log.info("%s is already complete; delete it to embed again", out)

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.dataset import TOKENIZER_NAME
+from pipeline.dataset import DATASET_JSON, TOKENIZER_NAME, shard_paths
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def quickstart(
     make_synth_corpus(out / "synth", **{**SYNTH, "videos": videos or SYNTH["videos"]})
     train_dir, test_dir = out / "data" / "train", out / "data" / "test"
     for split, target in (("train", train_dir), ("test", test_dir)):
-        if not (target / "dataset.json").is_file():
+        if not (target / DATASET_JSON).is_file():
             build_dataset(out / "synth", target, split=split, workers=2, **BUILD)
     tokenizer = train_dir / TOKENIZER_NAME
     if not tokenizer.is_file():
@@ -141,7 +141,7 @@ def evaluate(model_dir: Path, dataset: Path, emb_dir: Path, space: str = "vt", r
     from eval.retrieval import retrieval_metrics
 
     model = load_model(model_dir, tokenizer=model_dir / TOKENIZER_NAME)
-    shards = len(json.loads((dataset / "dataset.json").read_text(encoding="utf-8"))["shards"])
+    shards = len(shard_paths(dataset))
     embed_dataset(model, dataset, emb_dir, windows=4, batch_size=8, num_workers=min(2, shards))
     emb = read_embeddings(emb_dir)
     video, text = emb.get(f"video@{space}"), emb.get(f"text@{space}")  # (N, D), (C, D)

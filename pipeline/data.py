@@ -28,7 +28,7 @@ import webdataset as wds
 
 from pipeline.augment import augment_batch
 from pipeline.data_config import DataConfig, DatasetSource, check_resolved
-from pipeline.dataset import SHARDS_DIR, iter_json_members, read_dataset_json, tokenizer_path
+from pipeline.dataset import DATASET_JSON, SHARDS_DIR, iter_json_members, read_dataset_json, tokenizer_path
 from pipeline.stages import (
     BatchSamples,
     CheckSample,
@@ -335,7 +335,7 @@ def scan_labels(urls: list[str]) -> list[str]:
 def _sizes_near(url: str) -> dict[str, int]:
     """Shard sizes from the dataset.json one level above a `shards/` folder, when there is one."""
     root = os.path.dirname(os.path.dirname(url))
-    if not os.path.isfile(os.path.join(root, "dataset.json")):
+    if not os.path.isfile(os.path.join(root, DATASET_JSON)):
         return {}
     return {s["name"]: int(s["samples"]) for s in read_dataset_json(root)["shards"]}
 
