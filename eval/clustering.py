@@ -269,7 +269,7 @@ def cluster_sizes(assign: np.ndarray, k: int | None = None) -> dict:
 def cluster_embeddings(
     emb,
     *,
-    space: str = "video@vt",
+    space: str = "auto",
     k: int = 10,
     method: str = "kmeans",
     shots: tuple[int, ...] = (1, 10),
@@ -279,9 +279,13 @@ def cluster_embeddings(
     """Cluster an embedding directory's `space` (k-means) or read its self-label heads; score against labels.
 
     Returns (summary, assignment per row). The summary has the metrics (when labels are known), the cluster
-    sizes, and naming accuracy of majority / Hungarian / k-shot prototype naming for each of `shots`.
+    sizes, and naming accuracy of majority / Hungarian / k-shot prototype naming for each of `shots`. `space`
+    "auto" is `eval.probe.default_video_array` (a space, else the backbone features); rows are unit vectors.
     """
-    x = emb.get(space)
+    from eval.probe import default_video_array, row_array
+
+    space = default_video_array(emb) if space == "auto" else space
+    x = row_array(emb, space)
     summary: dict = {"method": method, "space": space, "rows": int(len(x))}
     if method == "kmeans":
         res = kmeans(x, k, seed=seed, **kmeans_kw)

@@ -58,7 +58,7 @@ class RetrievalConfig:
     nprobe: int = 16  # ivf: lists visited per query
     directions: tuple[str, ...] | None = None  # only these, e.g. [text->video@vt] (null: every direction)
     classes: bool = True  # class retrieval, kNN and linear probe, when at least two videos are labelled
-    class_space: str = "video@vt"  # embedding used for class retrieval and probes
+    class_space: str = "auto"  # array for class retrieval and probes (auto: video@vt, another video space, video_feat)
     gallery: str | None = None  # train-split embedding dir for class retrieval and probes (null: a 70/30 split)
 
     def __post_init__(self) -> None:
@@ -91,6 +91,7 @@ class ReportConfig:
     max_clusters: int = 100  # clusters shown, largest first
     preview: Literal["gif", "jpg"] = "gif"  # gif: animated 8-frame preview; jpg: one frame
     metrics: str | None = None  # retrieval.json to plot (null: <embeddings>/retrieval.json when there is one)
+    method: Literal["kmeans", "heads"] = "kmeans"  # without --clusters: k-means of --space, or the self-label heads
 
     def __post_init__(self) -> None:
         _at_least(self, 1, "per_cluster", "max_clusters")

@@ -298,6 +298,8 @@ def _embed_batch(model: Callable[[dict], dict], batch: dict, device) -> dict:
             x = F.normalize(x.float().reshape(b, mask.shape[1], -1), dim=-1).cpu()  # (B, K, D)
             rows[name] = x[mask].numpy()
             rows["text_count"] = mask.sum(1).numpy().astype(np.int64)
+        elif name in ("video/feat", "audio/feat"):  # backbone features: k-means, kNN and probes on any model
+            rows[name.replace("/", "_")] = x.float().reshape(b, -1, x.shape[-1]).mean(1).cpu().numpy()  # (B, F)
         elif name.endswith("/logits"):
             h = x.shape[0]
             x = x.float().reshape(h, b, -1, x.shape[-1]).mean(2)  # (H, B, K), windows averaged

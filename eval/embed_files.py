@@ -8,6 +8,8 @@ Layout (rows ordered by sample idx):
     text@<space>.npy         float16 (C, D), one row per caption, videos in row order, captions in meta order
     caption_video.npy        int64 (C,), the video row of each caption row
     video_logits.npy, audio_logits.npy   float16 (H, N, K) self-label head logits (the heads read window 0)
+    video_feat.npy, audio_feat.npy       float16 (N, F) backbone features (before any space or head), averaged over
+                                         the windows: what k-means, kNN and probes use on a model without spaces
     embed.json               written last: what was embedded, and that the directory is complete
 
 Parts (`parts/rank<r>-<seq>.npz`) hold float16 arrays, `idx` (n,), `text_count` (n,) and a JSON `meta` list. The

@@ -26,11 +26,21 @@ def knn_classifier(
     *,
     k: int = 20,
     temperature: float = 0.07,
+    exclude_self: bool = False,
 ) -> float:
-    """Top-1 accuracy (%) of a kNN vote: each of the k nearest training items votes exp(sim / temperature)."""
+    """Top-1 accuracy (%) of a kNN vote: each of the k nearest training items votes exp(sim / temperature).
+
+    `exclude_self` (test == train, leave-one-out): each query's own row does not vote.
+    """
     train_y, test_y = _check_labels(train_x, train_y, "train"), _check_labels(test_x, test_y, "test")
-    k = min(k, len(train_x))
-    sims, ids = faiss_index.knn(test_x, train_x, k)  # (Q, k)
+    k = min(k, len(train_x) - int(exclude_self))
+    if k < 1:
+        raise ValueError("kNN needs at least one other labelled item")
+    sims, ids = faiss_index.knn(test_x, train_x, k + int(exclude_self))  # (Q, k or k + 1)
+    if exclude_self:
+        keep = ids != np.arange(len(test_x))[:, None]
+        keep[keep.all(1), -1] = False  # a query not found among its own neighbours (ties): drop the farthest
+        sims, ids = sims[keep].reshape(len(test_x), k), ids[keep].reshape(len(test_x), k)
     classes = int(max(train_y.max(), test_y.max())) + 1
     votes = np.zeros((len(test_x), classes))
     weights = np.exp((sims - sims[:, :1]) / temperature)  # shifted by each row's best: same vote, no overflow
@@ -70,6 +80,55 @@ def linear_probe(
     return float(100.0 * np.mean(pred == test_y))
 
 
+def cross_validated_probe(x: np.ndarray, y: np.ndarray, *, folds: int = 5, seed: int = 0) -> float:
+    """Top-1 accuracy (%) of `linear_probe` over `folds` folds of a seeded permutation: every labelled item is
+    predicted once by a probe fitted on the other folds (for a test split without a training gallery)."""
+    y = _check_labels(x, y, "cross-validation")
+    folds = min(folds, len(y))
+    if folds < 2:
+        raise ValueError("cross-validation needs at least two labelled items")
+    parts = np.array_split(np.random.default_rng(seed).permutation(len(y)), folds)
+    correct = 0.0
+    for part in parts:
+        rest = np.setdiff1d(np.arange(len(y)), part)
+        correct += linear_probe(x[rest], y[rest], x[part], y[part]) * len(part) / 100.0
+    return float(100.0 * correct / len(y))
+
+
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (zero rows stay zero): embeddings are stored normalised, backbone features not."""
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def default_video_array(emb) -> str:
+    """The array class protocols and k-means use unless told: `video@vt`, else the first `video@<space>`, else the
+    backbone features `video_feat` (then `audio_feat`), so every objective's embedding has one."""
+    spaces = sorted(n for n in emb.arrays if n.startswith("video@") and not n.endswith(".windows"))
+    for name in ["video@vt", *spaces, "video_feat", "audio_feat"]:
+        if name in emb.arrays:
+            return name
+    raise ValueError(f"{emb.root}: no video or audio array to use (have: {', '.join(sorted(emb.arrays)) or 'none'})")
+
+
+def row_array(emb, name: str) -> np.ndarray:
+    """`name` as unit rows, one per video row; a clear error for arrays that are not (captions, head logits)."""
+    if name == "auto":
+        name = default_video_array(emb)
+    x = emb.get(name)
+    if x.ndim != 2:
+        raise ValueError(
+            f"{name} has shape {tuple(x.shape)}, not one vector per video"
+            + (": these are self-label head logits, cluster them with method=heads" if name.endswith("_logits") else "")
+        )
+    if len(x) != len(emb.meta):
+        raise ValueError(
+            f"{name} has {len(x)} rows but the embedding has {len(emb.meta)} videos (labels are per video): "
+            "use a video or audio array (video@<space>, audio@<space>, video_feat, audio_feat)"
+        )
+    return unit_rows(x)
+
+
 def split_train_test(idx: np.ndarray, test_fraction: float = 0.3, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Deterministic row split (train rows, test rows) by a seeded permutation of sample idx."""
     if not 0 < test_fraction < 1:
@@ -90,35 +149,48 @@ def _check_labels(x: np.ndarray, y: np.ndarray, name: str) -> np.ndarray:
     return y
 
 
-def evaluate_classes(test, train=None, *, space: str = "video@vt", knn_k: int = 20, seed: int = 0) -> dict:
+def evaluate_classes(test, train=None, *, space: str = "auto", knn_k: int = 20, seed: int = 0) -> dict:
     """Video->video class retrieval (R@1/5/10/20/50), kNN and linear-probe accuracy from labelled embeddings.
 
     `test` queries a `train` gallery (both Embeddings); labels are coded over the union of both splits' class
     names, so gallery videos of classes absent from the test split stay in as distractors. Without `train`,
-    the labelled rows of `test` are split 70/30 by a seeded permutation.
+    every labelled video of `test` is used: class retrieval and kNN leave each query out of its own gallery,
+    the linear probe is 5-fold cross-validated (a 60-video split then still gives a number worth reading).
+    `space` "auto" is `default_video_array`; rows are compared as unit vectors.
     """
     from eval.retrieval import class_retrieval
 
+    space = default_video_array(test) if space == "auto" else space
     names = test.labels()[1]
     if train is not None:
         names = sorted(set(names) | set(train.labels()[1]))
     y_test, _ = test.labels(names)
-    x_test = test.get(space)
+    x_test = row_array(test, space)
+    keep = y_test >= 0
+    x_test, y_test = x_test[keep], y_test[keep]
     if train is None:
-        have = np.flatnonzero(y_test >= 0)
-        tr, te = split_train_test(have, 0.3, seed)
-        x_train, y_train, x_test, y_test = x_test[have[tr]], y_test[have[tr]], x_test[have[te]], y_test[have[te]]
-    else:
-        y_train, _ = train.labels(names)
-        x_train = train.get(space)
-        keep = y_train >= 0
-        x_train, y_train = x_train[keep], y_train[keep]
-        keep = y_test >= 0
-        x_test, y_test = x_test[keep], y_test[keep]
+        if len(y_test) < 2:
+            raise ValueError(f"{test.root}: class evaluation needs at least two labelled videos, has {len(y_test)}")
+        out = {"video->video": class_retrieval(x_test, y_test, x_test, y_test, exclude_self=True)}
+        top1 = knn_classifier(x_test, y_test, x_test, y_test, k=knn_k, exclude_self=True)
+        out["knn"] = {"top1": top1, "k": min(knn_k, len(y_test) - 1)}
+        out["linear"] = {"top1": cross_validated_probe(x_test, y_test, seed=seed), "folds": min(5, len(y_test))}
+        out["classes"] = {"count": len(names), "videos": int(len(y_test)), "protocol": "leave-one-out", "space": space}
+        return out
+    y_train, _ = train.labels(names)
+    x_train = row_array(train, space)
+    keep = y_train >= 0
+    x_train, y_train = x_train[keep], y_train[keep]
     if len(x_test) == 0 or len(x_train) == 0:
         raise ValueError(f"{test.root}: not enough labelled videos for class evaluation")
     out = {"video->video": class_retrieval(x_test, y_test, x_train, y_train)}
     out["knn"] = {"top1": knn_classifier(x_train, y_train, x_test, y_test, k=knn_k), "k": knn_k}
     out["linear"] = {"top1": linear_probe(x_train, y_train, x_test, y_test)}
-    out["classes"] = {"count": len(names), "train": int(len(x_train)), "test": int(len(x_test))}
+    out["classes"] = {
+        "count": len(names),
+        "train": int(len(x_train)),
+        "test": int(len(x_test)),
+        "protocol": "gallery",
+        "space": space,
+    }
     return out

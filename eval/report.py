@@ -21,6 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from eval.embed import Embeddings
+from eval.probe import default_video_array, row_array
 from pipeline.dataset import JSON_MEMBER, VIDEO_MEMBER, iter_tar_members, shard_paths, split_member
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ def write_report(
     out: str | Path,
     *,
     dataset: str | Path | None = None,
-    space: str = "video@vt",
+    space: str = "auto",
     names: dict[int, str] | None = None,
     metrics: dict | None = None,
     per_cluster: int = 8,
@@ -64,7 +65,8 @@ def write_report(
     rows = {c: np.flatnonzero(assign == c)[:per_cluster] for c in shown}
     wanted = {int(emb.meta[r]["idx"]) for rs in rows.values() for r in rs}
     files = export_media(dataset, wanted, media, preview) if dataset is not None else {}
-    x = emb.get(space)
+    space = default_video_array(emb) if space == "auto" else space
+    x = row_array(emb, space)
     plots = [
         ("Cluster sizes", svg_bars(sizes[shown])),
         ("2-D projection (PCA)", svg_scatter(pca_2d(x), assign)),

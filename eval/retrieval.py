@@ -231,8 +231,8 @@ def evaluate_retrieval(emb, *, method: str = "exact", k: int = 100, directions: 
         if unknown:
             raise ValueError(f"unknown retrieval direction(s) {sorted(unknown)}; have {[t[0] for t in tasks]}")
         tasks = [t for t in tasks if t[0] in directions]
-    if not tasks:
-        raise ValueError(f"{emb.root}: no pair of modalities shares a space, nothing to retrieve")
+    if not tasks:  # a model without shared spaces (self-labelling): class protocols may still apply
+        log.info("%s: no pair of modalities shares a space, no cross-modal retrieval", emb.root)
     for name, queries, gallery, gt in tasks:
         if len(queries) == 0:
             log.warning("%s: no queries (no captions or no audio), skipped", name)

@@ -43,7 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = _add_parser(cmds, "cluster", ClusterConfig, "k-means (or self-label heads) with clustering metrics")
     p.add_argument("embeddings", help="embedding directory")
-    p.add_argument("--space", default="video@vt", help="embedding to cluster (and to build prototypes from)")
+    p.add_argument("--space", default="auto", help="array to cluster (auto: video@vt, another video space, video_feat)")
     p.add_argument("--k", type=int, default=10, help="number of clusters")
     p.add_argument("--out", default=None, help="output dir (default: <embeddings>/clusters)")
     p.set_defaults(func=run_cluster)
@@ -52,7 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("embeddings", help="embedding directory")
     p.add_argument("--data", default=None, help="dataset directory, for previews and audio")
     p.add_argument("--clusters", default=None, help="output dir of `vatp eval cluster` (default: run k-means)")
-    p.add_argument("--space", default="video@vt")
+    p.add_argument("--space", default="auto", help="array plotted and clustered (auto as for eval cluster)")
     p.add_argument("--k", type=int, default=10, help="clusters when --clusters is not given")
     p.add_argument("--out", required=True, help="report directory")
     p.set_defaults(func=run_report)
@@ -157,9 +157,11 @@ def run_retrieval(args: argparse.Namespace) -> int:
     directions = list(cfg.directions) if cfg.directions is not None else None
     results = evaluate_retrieval(emb, method=cfg.method, k=cfg.k, directions=directions, **ivf)
     labels, _ = emb.labels()
-    if cfg.classes and (labels >= 0).sum() >= 2 and cfg.class_space in emb.arrays:
+    if cfg.classes and (labels >= 0).sum() >= 2:
         train = read_embeddings(cfg.gallery) if cfg.gallery else None
         results.update(evaluate_classes(emb, train, space=cfg.class_space))
+    if not results:
+        raise ValueError(f"{args.embeddings}: nothing to evaluate (no two modalities share a space, no labels)")
     out = Path(args.out or Path(args.embeddings) / "retrieval.json")
     out.write_text(json.dumps(results, indent=1), encoding="utf-8")
     print(format_metrics(results))
@@ -240,7 +242,7 @@ def run_report(args: argparse.Namespace) -> int:
         assign = np.array([by_idx[m["idx"]]["cluster"] for m in emb.meta])
         names = {r["cluster"]: r["name"] for r in rows if r.get("name")}
     else:
-        _, assign = cluster_embeddings(emb, space=args.space, k=min(args.k, len(emb.meta)), shots=())
+        _, assign = cluster_embeddings(emb, space=args.space, k=min(args.k, len(emb.meta)), method=cfg.method, shots=())
     metrics_path = cfg.metrics or (Path(args.embeddings) / "retrieval.json")
     metrics = load_json(metrics_path) if cfg.metrics or Path(metrics_path).is_file() else None
     path = write_report(

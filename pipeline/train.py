@@ -114,6 +114,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, evaluate: Evaluate | None =
     bar = tqdm(total=total, initial=step, desc="train", unit="step", disable=rank != 0, dynamic_ncols=True)
     engine.train()
     try:
+        if objective.selflabel is not None and int(objective.selflabel.runs_done) == 0:
+            warmup_batchnorm(engine.module, loader, batches, objective.selflabel.cfg.bn_warmup_batches)
         while step < total:
             if objective.selflabel is not None and objective.selflabel.should_relabel(step, total):
                 stats = relabel_pass(engine, objective, data_cfg, rank=rank, world_size=world_size, seed=cfg.run.seed)
@@ -247,6 +249,17 @@ def endless(loader: Any) -> Iterator[dict]:
     """Epoch after epoch of `loader` (it advances its own epoch counter)."""
     while True:
         yield from loader
+
+
+@torch.no_grad()
+def warmup_batchnorm(model: torch.nn.Module, loader: Any, batches: Iterator[dict], n: int) -> None:
+    """SeLaVi's BatchNorm warm-up before the first labelling: `n` training batches through the model in train
+    mode, without gradients or a step, so the first labels (and the one-time audio/video cluster alignment) are
+    not computed on the initial statistics (mean 0, variance 1)."""
+    model.train()
+    for _ in range(n):
+        batch = loader.to_device(next(batches))
+        model({k: v for k, v in batch.items() if torch.is_tensor(v)})
 
 
 @torch.no_grad()

@@ -56,6 +56,7 @@ def test_every_sample_once_with_all_files(single):
         np.testing.assert_allclose(np.linalg.norm(single.get(name), axis=1), 1.0, atol=2e-3)
     assert single.arrays["video@vt.windows"].shape == (8, WINDOWS, 16)
     assert single.arrays["video_logits"].shape == (2, 8, 3)
+    assert single.arrays["video_feat"].shape[0] == single.arrays["audio_feat"].shape[0] == 8
     assert all(m["label"] is not None and m["id"] for m in single.meta)
 
 
@@ -82,6 +83,9 @@ def test_rows_equal_a_direct_forward_of_the_model(setup, single):
     z = torch.nn.functional.normalize(z, dim=-1).numpy()
     rows = batch["idx"].numpy()
     np.testing.assert_allclose(single.get("video@va")[rows], z, atol=2e-3)
+    for m in ("video", "audio"):  # backbone features: the windows' mean, as the model computed them
+        feat = out[f"{m}/feat"].float().reshape(len(rows), WINDOWS, -1).mean(1).numpy()
+        np.testing.assert_allclose(single.get(f"{m}_feat")[rows], feat, rtol=2e-3, atol=2e-3)
     first_caption = out["text@vt"][0, 0]
     np.testing.assert_allclose(
         single.get("text@vt")[np.flatnonzero(single.caption_video == rows[0])[0]],

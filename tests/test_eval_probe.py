@@ -77,6 +77,52 @@ def test_gallery_keeps_distractor_classes_absent_from_the_test_split():
     far = np.stack([0.6 * e[0] + 0.8 * e[1], 0.6 * e[0] + 0.8 * e[2]])  # "a": further away
     train = emb(np.concatenate([near, far]), ["z", "z", "a", "a"])
     out = evaluate_classes(test, train, knn_k=1)
-    assert out["classes"] == {"count": 2, "train": 4, "test": 2}
+    assert out["classes"] == {"count": 2, "train": 4, "test": 2, "protocol": "gallery", "space": "video@vt"}
     assert out["video->video"]["R@1"] == 0.0 and out["video->video"]["R@5"] == 100.0
     assert out["knn"]["top1"] == 0.0
+
+
+def _emb(arrays, names, captions=0):
+    from pathlib import Path
+
+    from eval.embed import Embeddings
+
+    meta = [{"row": i, "idx": i, "id": f"v{i}", "label": n} for i, n in enumerate(names)]
+    return Embeddings(Path("mem"), meta, arrays, np.zeros(captions, dtype=np.int64))
+
+
+def test_leave_one_out_knn_never_lets_a_query_vote_for_itself():
+    x = np.array([[1.0, 0.0], [0.0, 1.0], [0.1, 1.0]], dtype=np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    y = np.array([0, 1, 1])
+    assert knn_classifier(x, y, x, y, k=1) == 100.0  # each query finds itself
+    assert knn_classifier(x, y, x, y, k=1, exclude_self=True) == pytest.approx(200 / 3)  # the lone 0 cannot
+
+
+def test_without_a_gallery_every_labelled_video_is_scored_leave_one_out():
+    from eval.probe import evaluate_classes
+
+    x, y = blobs(n_per=12, k=5)  # 60 videos, as the quickstart's test split
+    test = _emb({"video_feat": 3.0 * x}, [f"c{v}" for v in y])  # raw features: not unit length
+    out = evaluate_classes(test, knn_k=5)
+    assert out["classes"] == {"count": 5, "videos": 60, "protocol": "leave-one-out", "space": "video_feat"}
+    assert out["knn"]["top1"] == 100.0 and out["linear"]["top1"] == 100.0 and out["linear"]["folds"] == 5
+    assert out["video->video"]["R@1"] == 100.0
+    shuffled = _emb({"video_feat": x}, [f"c{v}" for v in np.random.default_rng(0).permutation(y)])
+    assert evaluate_classes(shuffled, knn_k=5)["knn"]["top1"] < 50  # labels unrelated to the features
+
+
+def test_default_array_and_clear_errors_for_arrays_that_are_not_one_row_per_video():
+    from eval.probe import default_video_array, row_array
+
+    x, y = blobs(n_per=3, k=2)
+    names = [str(v) for v in y]
+    assert default_video_array(_emb({"video_feat": x, "video@va": x, "video@va.windows": x}, names)) == "video@va"
+    assert default_video_array(_emb({"audio_feat": x, "video_feat": x}, names)) == "video_feat"
+    emb = _emb({"video_logits": np.zeros((2, len(x), 4)), "text@vt": np.zeros((9, 4))}, names, captions=9)
+    with pytest.raises(ValueError, match="method=heads"):
+        row_array(emb, "video_logits")
+    with pytest.raises(ValueError, match="9 rows but the embedding has 6 videos"):
+        row_array(emb, "text@vt")
+    with pytest.raises(ValueError, match="no video or audio array"):
+        row_array(emb, "auto")

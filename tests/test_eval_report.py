@@ -144,3 +144,50 @@ def test_pca_separates_two_groups():
     xy = pca_2d(x)
     assert np.sign(xy[:20, 0]).tolist() != np.sign(xy[20:, 0]).tolist()
     assert abs(xy[:20, 0].mean() - xy[20:, 0].mean()) > 2
+
+
+@pytest.fixture(scope="module")
+def selflabel_embedding(tiny_dataset, tmp_path_factory):
+    """What `vatp embed` writes for a self-labelling model: backbone features and head logits, no shared space."""
+    samples = shard_meta(tiny_dataset)  # one video per synth class: two groups of four make a class protocol
+    for s in samples:
+        s["label"] = f"group{s['idx'] % 2}"
+    labels = sorted({s["label"] for s in samples})
+    code = np.array([labels.index(s["label"]) for s in samples])
+    rng = np.random.default_rng(1)
+    feat = 5.0 * rng.standard_normal((len(labels), 32))[code] + 0.2 * rng.standard_normal((len(samples), 32))
+    logits = np.stack([np.eye(len(labels))[code] * 6.0, rng.standard_normal((len(samples), len(labels)))])  # (H, N, K)
+    meta = [{"idx": s["idx"], "id": s["id"], "label": s["label"], "captions": []} for s in samples]
+    emb = write_embedding_dir(tmp_path_factory.mktemp("sl"), meta, {"video_feat": feat, "video_logits": logits})
+    return emb, samples, labels
+
+
+def test_retrieval_without_a_shared_space_still_runs_the_class_protocols(selflabel_embedding):
+    emb, samples, _ = selflabel_embedding
+    assert main(["eval", "retrieval", str(emb)]) == 0
+    out = json.loads((emb / "retrieval.json").read_text())
+    assert out["classes"]["protocol"] == "leave-one-out" and out["classes"]["space"] == "video_feat"
+    assert out["knn"]["top1"] == 100.0 and out["video->video"]["R@1"] == 100.0
+
+
+def test_cluster_and_report_work_from_features_and_from_the_heads(selflabel_embedding, tiny_dataset, tmp_path, capsys):
+    emb, samples, labels = selflabel_embedding
+    assert (
+        main(
+            ["eval", "cluster", str(emb), "--k", str(len(labels)), "--set", "shots=[1]", "--out", str(tmp_path / "km")]
+        )
+        == 0
+    )
+    km = json.loads((tmp_path / "km" / "clusters.json").read_text())
+    assert km["space"] == "video_feat" and km["metrics"]["nmi"] == pytest.approx(1.0)
+    assert (
+        main(["eval", "cluster", str(emb), "--set", "method=heads", "--set", "shots=[1]", "--out", str(tmp_path / "h")])
+        == 0
+    )
+    heads = json.loads((tmp_path / "h" / "clusters.json").read_text())
+    assert heads["head"] == 0 and heads["metrics"]["nmi"] == pytest.approx(1.0)  # head 0 holds the classes
+    assert main(["eval", "cluster", str(emb), "--space", "video_logits", "--out", str(tmp_path / "bad")]) == 2
+    assert "method=heads" in capsys.readouterr().err
+    out = tmp_path / "report"
+    assert main(["report", str(emb), "--data", str(tiny_dataset), "--set", "method=heads", "--out", str(out)]) == 0
+    assert (out / "index.html").read_text().count("<section class='cluster'") == len(labels)

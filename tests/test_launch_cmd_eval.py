@@ -83,7 +83,7 @@ def test_default_cluster_run_passes_the_historical_defaults(tmp_path, monkeypatc
     calls = spy(monkeypatch, eval.clustering, "cluster_embeddings")
     assert main(["eval", "cluster", str(emb), "--k", "3"]) == 0
     kw = dict(spherical=True, niter=25, nredo=1, max_points_per_centroid=None)
-    assert calls == [dict(space="video@vt", k=3, method="kmeans", shots=(1, 10), seed=1234, **kw)]
+    assert calls == [dict(space="auto", k=3, method="kmeans", shots=(1, 10), seed=1234, **kw)]
 
 
 def test_set_reaches_retrieval(tmp_path, monkeypatch):
@@ -91,10 +91,10 @@ def test_set_reaches_retrieval(tmp_path, monkeypatch):
     import eval.retrieval
 
     emb = planted(tmp_path / "emb")
-    ranked = spy(monkeypatch, eval.retrieval, "evaluate_retrieval", result={})
+    ranked = spy(monkeypatch, eval.retrieval, "evaluate_retrieval", result={"text->video@vt": {"R@1": 1.0}})
     probed = spy(monkeypatch, eval.probe, "evaluate_classes", result={})
     assert main(["eval", "retrieval", str(emb)]) == 0
-    assert ranked[-1] == dict(method="exact", k=100, directions=None) and probed[-1] == dict(space="video@vt")
+    assert ranked[-1] == dict(method="exact", k=100, directions=None) and probed[-1] == dict(space="auto")
     argv = ["eval", "retrieval", str(emb), "--set", "method=ivf", "--set", "nlist=4", "--set", "k=5"]
     assert main([*argv, "--set", "directions=[text->video@vt]", "--set", "classes=false"]) == 0
     assert ranked[-1] == dict(method="ivf", k=5, directions=["text->video@vt"], nlist=4, nprobe=16)
@@ -226,10 +226,10 @@ def test_defaults_are_the_eval_functions_defaults():
         assert (words.dict_path, words.max_words, words.lowercase) == (None, lm["max_words"], lm["lowercase"])
     # the values of the flags these settings replace
     retrieval = dict(method="exact", k=100, nlist=None, nprobe=16, directions=None, classes=True)
-    assert to_dict(r) == dict(**retrieval, class_space="video@vt", gallery=None)
+    assert to_dict(r) == dict(**retrieval, class_space="auto", gallery=None)
     kmeans_flags = dict(spherical=True, niter=25, nredo=1, seed=1234, max_points_per_centroid=None)
     assert to_dict(c) == dict(method="kmeans", **kmeans_flags, shots=[1, 10])
-    assert to_dict(p) == dict(per_cluster=8, max_clusters=100, preview="gif", metrics=None)
+    assert to_dict(p) == dict(per_cluster=8, max_clusters=100, preview="gif", metrics=None, method="kmeans")
     assert to_dict(e) == dict(dict_path=None, max_words=16, lowercase=True, windows=4, batch_size=8, workers=2)
     assert eval_config(ClusterConfig, []) == c
 

@@ -3,6 +3,7 @@ of the same shape, and the tiny variants train on the tiny shards."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -71,3 +72,7 @@ def test_tiny_recipe_trains_to_a_finite_loss(name, dataset, tmp_path, restore_la
     for k in objectives:
         assert any(key.startswith(f"loss/{k}") for key in last), f"no {k} term logged: {sorted(last)}"
     assert (Path(summary["run_dir"]) / "checkpoints" / f"step_{cfg.run.steps:08d}").is_dir()
+    if cfg.loss.selflabel is not None:  # as many labelling runs as the recipe says, all before the last step
+        rows = [json.loads(line) for line in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+        runs = [r["step"] for r in rows if "selflabel/coverage" in r]
+        assert len(runs) == cfg.loss.selflabel.relabels and max(runs) < cfg.run.steps, runs

@@ -291,3 +291,32 @@ def test_self_label_heads_and_clusters_come_from_the_model(dataset, tmp_path):
         load_train_config(CONFIGS / "selavi_av_tiny.yaml", ["loss.selflabel.clusters=7"])
     with pytest.raises(ConfigError, match="needs self-label heads"):
         load_train_config(CONFIGS / "selavi_av_tiny.yaml", ["model.selflabel_heads=0", "model.selflabel_clusters=0"])
+
+
+@pytest.mark.parametrize("warmup", [0, 2])
+def test_batchnorm_warms_up_before_the_first_labelling(dataset, tmp_path, monkeypatch, warmup):
+    seen = []
+    relabel = train_mod.relabel_pass
+
+    def recording(engine, *a, **kw):
+        norms = [m for m in engine.module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        seen.append((int(norms[0].num_batches_tracked), norms[0].running_var.clone()))
+        return relabel(engine, *a, **kw)
+
+    monkeypatch.setattr(train_mod, "relabel_pass", recording)
+    cfg = load_train_config(
+        CONFIGS / "selavi_av_tiny.yaml",
+        [
+            f"data.datasets=[{{path: {dataset}}}]",
+            f"run.runs_dir={tmp_path}",
+            "data.num_workers=0",
+            "run.tensorboard=false",
+            "run.steps=2",
+            "loss.selflabel.relabels=1",
+            f"loss.selflabel.bn_warmup_batches={warmup}",
+        ],
+    )
+    train(cfg)
+    ((tracked, var),) = seen  # one labelling run, at step 0
+    assert tracked == warmup  # the warm-up batches, and no training step, went through BatchNorm before it
+    assert torch.equal(var, torch.ones_like(var)) == (warmup == 0)

@@ -67,8 +67,9 @@ class SelfLabelConfig:
     marginals: Literal["uniform", "gaussian", "zipf"] = "uniform"
     marginal_param: float | None = None  # gaussian: sd (0.1); zipf: exponent (1.0); must be unset for uniform
     relabels: int = 100  # number of labelling runs over training (SeLaVi nopts)
-    schedule_power: float = 1.5  # runs at total_steps · (j / (relabels - 1)) ** power: denser early
+    schedule_power: float = 1.5  # runs at total_steps · (j / relabels) ** power: denser early
     head_groups: int = 1  # heads split into groups, each labelled from its own augmented pass (SeLaVi ind_groups)
+    bn_warmup_batches: int = 20  # training batches through the model in train mode before the first labelling
     align_modalities: bool = True  # permute audio clusters onto video clusters at the first labelling (SeLaVi MA)
     sk_max_iters: int = 2000
     sk_tol: float = 0.1
@@ -85,6 +86,8 @@ class SelfLabelConfig:
                 f"selflabel lam, relabels and schedule_power must be > 0, got {self.lam}, "
                 f"{self.relabels}, {self.schedule_power}"
             )
+        if self.bn_warmup_batches < 0:
+            raise ValueError(f"selflabel.bn_warmup_batches must be >= 0, got {self.bn_warmup_batches}")
         if self.marginals == "uniform" and self.marginal_param is not None:
             raise ValueError(f"selflabel.marginal_param={self.marginal_param} does nothing with uniform marginals")
         if self.sk_relax is not None and not 1 <= self.sk_relax < 2:

@@ -98,9 +98,10 @@ class SelfLabelling(nn.Module):
         return terms
 
     def schedule(self, total_steps: int) -> list[int]:
-        """Steps at which labelling runs start: total_steps · (j / (R - 1)) ** power, j = 0..R-1 (SeLaVi)."""
+        """Steps at which labelling runs start: total_steps · (j / R) ** power, j = 0..R-1, denser early (SeLaVi's
+        schedule). Every one falls before the last step, so a run makes exactly R labelling runs."""
         r, p = self.cfg.relabels, self.cfg.schedule_power
-        return [0] if r == 1 else [int(total_steps * (j / (r - 1)) ** p) for j in range(r)]
+        return [int(total_steps * (j / r) ** p) for j in range(r)]
 
     def should_relabel(self, step: int, total_steps: int) -> bool:
         """True when the next scheduled labelling run is due (the same answer on every rank)."""
