@@ -1,8 +1,16 @@
-"""`vatp quickstart`: the whole pipeline on the CPU, from nothing to a trained-vs-random comparison.
+"""`vatp quickstart [--objective milnce|gdt|selavi|mmv]`: the whole pipeline on the CPU, from nothing to a
+trained-vs-random comparison.
 
-    synth corpus -> train/test shards -> tokenizer -> train the quickstart recipe -> export
+    synth corpus -> train/test shards -> tokenizer -> train the objective's quickstart recipe -> export
     -> embed the held-out split with the trained model and with the same architecture at random init
-    -> text->video retrieval (R@1/5/10) and k-means clustering (NMI, Hungarian accuracy) -> table + HTML report
+    -> the metrics of the objective's paper -> table + HTML report
+
+Metrics per objective (the headline, higher is better, in the first column):
+- milnce: text->video R@1/5/10 and MedR, k-means of the video embeddings (NMI, Hungarian accuracy);
+- gdt: audio->video R@10/1/5 and MedR, k-means of the video embeddings;
+- selavi: the self-label heads (best head against the classes: NMI, AMI, accuracy, purity), k-means of the
+  backbone features;
+- mmv: text->video and audio->video R@10, the self-label heads (NMI, AMI), k-means of the video embeddings.
 
 Every stage is idempotent: a re-run reuses finished outputs (the corpus, shards, tokenizer, a finished run,
 complete embedding directories) and resumes an interrupted training run from its last checkpoint.
@@ -25,16 +33,38 @@ from pipeline.dataset import DATASET_JSON, TOKENIZER_NAME, shard_paths
 
 log = logging.getLogger(__name__)
 
-RECIPE = Path(__file__).parent / "configs" / "quickstart.yaml"
+CONFIGS = Path(__file__).parent / "configs"
+RECIPES = {
+    "milnce": CONFIGS / "quickstart.yaml",
+    "gdt": CONFIGS / "quickstart_gdt.yaml",
+    "selavi": CONFIGS / "quickstart_selavi.yaml",
+    "mmv": CONFIGS / "quickstart_mmv.yaml",
+}
+COLUMNS = {
+    "milnce": ("t2v_R@1", "t2v_R@5", "t2v_R@10", "t2v_MedR", "NMI", "acc"),
+    "gdt": ("a2v_R@10", "a2v_R@1", "a2v_R@5", "a2v_MedR", "NMI", "acc"),
+    "selavi": ("heads_NMI", "heads_AMI", "heads_acc", "heads_purity", "NMI", "acc"),
+    "mmv": ("t2v_R@10", "a2v_R@10", "heads_NMI", "heads_AMI", "NMI", "acc"),
+}
+FRACTIONS = ("NMI", "heads_NMI", "heads_AMI", "heads_purity")  # in [0, 1]; every other column is % or ranks
 SYNTH = dict(videos=400, seed=0, seconds=5.0, width=128, height=96, fps=20)
 BUILD = dict(fps=10, short_side=64, max_seconds=30.0, sample_rate=16000, samples_per_shard=16)
 VOCAB = 1000  # an upper bound: the synthetic narration has about 190 distinct words
 
 
 def quickstart(
-    out: str | Path, *, videos: int | None = None, steps: int | None = None, overrides: Sequence[str] = ()
+    out: str | Path,
+    *,
+    objective: str = "milnce",
+    videos: int | None = None,
+    steps: int | None = None,
+    overrides: Sequence[str] = (),
 ) -> dict:
-    """Run the quickstart in `out`; return (and print) the comparison table's numbers."""
+    """Run `objective`'s quickstart in `out`; return (and print) the comparison table's numbers. The corpus,
+    shards and tokenizer are shared by every objective's quickstart in the same `out`."""
+    if objective not in RECIPES:
+        raise ValueError(f"unknown quickstart objective {objective!r} (known: {', '.join(RECIPES)})")
+    recipe = RECIPES[objective]
     from data_prep.build import build_dataset
     from data_prep.synth import make_synth_corpus
     from data_prep.tokenizer import train_tokenizer
@@ -62,11 +92,13 @@ def quickstart(
     timings["data_s"] = time.perf_counter() - t0
 
     # ---- train (or resume, or reuse a finished run)
-    settings = [f"data.datasets=[{{path: {train_dir}}}]", f"run.runs_dir={out / 'runs'}", f"model.vocab_size={pieces}"]
+    settings = [f"data.datasets=[{{path: {train_dir}}}]", f"run.runs_dir={out / 'runs'}"]
+    base = load_train_config(recipe, settings)
+    if base.model.text is not None:
+        settings.append(f"model.vocab_size={pieces}")
     if steps is not None:
-        base = load_train_config(RECIPE, settings)
         settings += [f"run.steps={steps}", f"optim.warmup_steps={min(base.optim.warmup_steps, steps // 5)}"]
-    cfg = load_train_config(RECIPE, [*settings, *overrides])
+    cfg = load_train_config(recipe, [*settings, *overrides])
     run_dir = out / "runs" / cfg.run.name
     tag = latest_tag(run_dir) if run_dir.exists() else None
     t1 = time.perf_counter()
@@ -82,12 +114,14 @@ def quickstart(
         emb_dir = out / "embed" / cfg.run.name / name.replace(" ", "_")
         if emb_dir.exists() and name == "trained" and tag != f"step_{cfg.run.steps:08d}":
             shutil.rmtree(emb_dir)  # embeddings of an earlier, unfinished state of this run
-        report = out / "report" if name == "trained" else None
-        rows[name] = evaluate(model_dir, test_dir, emb_dir, report=report)
+        report = out / ("report" if objective == "milnce" else f"report_{objective}") if name == "trained" else None
+        rows[name] = evaluate(model_dir, test_dir, emb_dir, report=report, heads_report=objective == "selavi")
     timings["total_s"] = time.perf_counter() - t0
-    result = {"rows": rows, "timings": timings, "run_dir": str(run_dir), "test_dir": str(test_dir)}
-    (out / "quickstart.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    print(format_table(rows, timings, out))
+    result = {"objective": objective, "rows": rows, "timings": timings, "run_dir": str(run_dir)}
+    result["test_dir"] = str(test_dir)
+    summary = out / ("quickstart.json" if objective == "milnce" else f"quickstart_{objective}.json")
+    summary.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    print(format_table(rows, timings, out, objective))
     return result
 
 
@@ -132,11 +166,17 @@ def calibrate_batchnorm(model: torch.nn.Module, data_cfg, *, batches: int) -> No
     model.eval()
 
 
-def evaluate(model_dir: Path, dataset: Path, emb_dir: Path, space: str = "vt", report: Path | None = None) -> dict:
-    """Embed `dataset` with the exported model, then text->video retrieval and k-means clustering metrics;
-    with `report`, also the HTML cluster explorer of the k-means clusters (named by their majority class)."""
-    from eval.clustering import cluster_metrics, kmeans, name_clusters
+def evaluate(
+    model_dir: Path, dataset: Path, emb_dir: Path, report: Path | None = None, heads_report: bool = False
+) -> dict:
+    """Embed `dataset` with the exported model and score what its embedding holds: text->video and audio->video
+    retrieval in the first space holding each pair, k-means of the video embeddings (`eval.probe`'s default
+    array: a space, else the backbone features), and the self-label heads when the model has them. With `report`,
+    also the HTML cluster explorer (k-means clusters, or the heads' with `heads_report`), named by majority class.
+    """
+    from eval.clustering import cluster_embeddings, cluster_metrics, kmeans, name_clusters
     from eval.embed import embed_dataset, load_model, read_embeddings
+    from eval.probe import row_array
     from eval.report import write_report
     from eval.retrieval import retrieval_metrics
 
@@ -144,47 +184,61 @@ def evaluate(model_dir: Path, dataset: Path, emb_dir: Path, space: str = "vt", r
     shards = len(shard_paths(dataset))
     embed_dataset(model, dataset, emb_dir, windows=4, batch_size=8, num_workers=min(2, shards))
     emb = read_embeddings(emb_dir)
-    video, text = emb.get(f"video@{space}"), emb.get(f"text@{space}")  # (N, D), (C, D)
-    t2v = retrieval_metrics(text @ video.T, [np.array([v]) for v in emb.caption_video])
     labels = np.array([m.get("label") for m in emb.meta])
     classes = sorted(set(labels))
     truth = np.array([classes.index(lab) for lab in labels])
-    assign = kmeans(video, len(classes), seed=0).assign
+    row: dict[str, float] = {"videos": len(emb.meta), "captions": len(emb.caption_video)}
+    spaces = sorted({n.split("@", 1)[1] for n in emb.arrays if n.startswith("video@") and "." not in n})
+    for query, prefix in (("text", "t2v"), ("audio", "a2v")):
+        space = next((s for s in spaces if f"{query}@{s}" in emb.arrays), None)
+        if space is None:
+            continue
+        video, q = emb.get(f"video@{space}"), emb.get(f"{query}@{space}")
+        if query == "text":
+            m = retrieval_metrics(q @ video.T, [np.array([v]) for v in emb.caption_video])
+        else:  # each video's audio finds that video, over the videos that have audio
+            keep = emb.has_audio
+            m = retrieval_metrics(q[keep] @ video[keep].T)
+        row.update({f"{prefix}_R@{k}": m[f"R@{k}"] for k in (1, 5, 10)} | {f"{prefix}_MedR": m["MedR"]})
+    assign = kmeans(row_array(emb, "auto"), len(classes), seed=0).assign
     clusters = cluster_metrics(assign, truth)
-    row = {
-        "t2v_R@1": t2v["R@1"],
-        "t2v_R@5": t2v["R@5"],
-        "t2v_R@10": t2v["R@10"],
-        "t2v_MedR": t2v["MedR"],
-        "NMI": clusters["nmi"],
-        "acc": clusters["acc"],
-        "videos": len(video),
-        "captions": len(text),
-    }
+    row.update(NMI=clusters["nmi"], acc=clusters["acc"])
+    if "video_logits" in emb.arrays or "audio_logits" in emb.arrays:
+        summary, head_assign = cluster_embeddings(emb, method="heads", shots=())
+        h = summary["metrics"]
+        row.update(heads_NMI=h["nmi"], heads_AMI=h["anmi"], heads_acc=h["acc"], heads_purity=h["purity"])
+        if heads_report:
+            assign = head_assign
     if report is not None:
         names = {c: classes[n] for c, n in enumerate(name_clusters(assign, truth)) if n >= 0}
-        metrics = {
-            "text->video": {k: float(v) for k, v in row.items() if k.startswith("t2v")},
-            "k-means": {"NMI": float(clusters["nmi"]), "acc": float(clusters["acc"])},
-        }
-        write_report(emb, assign, report, dataset=dataset, space=f"video@{space}", names=names, metrics=metrics)
+        metrics = {"quickstart": {k: float(v) for k, v in row.items() if k not in ("videos", "captions")}}
+        write_report(emb, assign, report, dataset=dataset, names=names, metrics=metrics)
     return row
 
 
-def format_table(rows: dict[str, dict[str, float]], timings: dict[str, float], out: Path) -> str:
+def format_table(
+    rows: dict[str, dict[str, float]], timings: dict[str, float], out: Path, objective: str = "milnce"
+) -> str:
     """The closing one-screen summary: trained vs random init on the held-out split."""
-    cols = ("t2v_R@1", "t2v_R@5", "t2v_R@10", "t2v_MedR", "NMI", "acc")
+    cols = COLUMNS[objective]
     any_row = next(iter(rows.values()))
+    name = "vatp quickstart" + ("" if objective == "milnce" else f" --objective {objective}")
     lines = [
         "",
-        f"== vatp quickstart: held-out split, {any_row['videos']} videos / {any_row['captions']} captions ==",
-        f"{'model':<12}" + "".join(f"{c:>10}" for c in cols),
+        f"== {name}: held-out split, {any_row['videos']} videos"
+        + (f" / {any_row['captions']} captions ==" if any_row["captions"] else " =="),
+        f"{'model':<12}" + "".join(f"{c:>13}" if len(c) > 9 else f"{c:>10}" for c in cols),
     ]
-    for name, r in rows.items():
-        lines.append(f"{name:<12}" + "".join(f"{r[c]:>10.3f}" if c == "NMI" else f"{r[c]:>10.1f}" for c in cols))
-    lines.append("R@k and acc (Hungarian accuracy of k-means vs class) in percent; MedR in ranks; NMI in [0, 1].")
+    for label, r in rows.items():
+        cells = [f"{r[c]:.3f}" if c in FRACTIONS else f"{r[c]:.1f}" for c in cols]
+        lines.append(f"{label:<12}" + "".join(f"{v:>13}" if len(c) > 9 else f"{v:>10}" for c, v in zip(cols, cells)))
+    lines.append(
+        "R@k and acc (Hungarian accuracy vs class) in percent; MedR in ranks; NMI, AMI and purity in [0, 1]; "
+        "heads: the self-label head that best matches the classes; NMI/acc without a prefix: k-means."
+    )
     lines.append(
         f"time: data {timings['data_s']:.0f} s, training {timings['train_s']:.0f} s, total {timings['total_s']:.0f} s"
     )
-    lines.append(f"outputs: {out} (runs/, embed/, quickstart.json; the trained model's clusters: report/index.html)")
+    report = "report" if objective == "milnce" else f"report_{objective}"
+    lines.append(f"outputs: {out} (runs/, embed/, quickstart*.json; the trained model's clusters: {report}/index.html)")
     return "\n".join(lines)

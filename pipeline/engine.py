@@ -71,7 +71,8 @@ def micro_batch_size(batch_size: int, world_size: int, grad_accum: int) -> int:
 
 
 def build_engine(model: torch.nn.Module, run: RunConfig, optim: OptimConfig, dist_info: DistInfo) -> Any:
-    """Wrap `model` in a DeepSpeed engine with AdamW and the warmup+cosine schedule of pipeline/schedules.py.
+    """Wrap `model` in a DeepSpeed engine with `optim.name`'s optimiser and the warmup+cosine schedule of
+    pipeline/schedules.py.
 
     Returns the `DeepSpeedEngine` (call it, `.backward(loss)`, `.step()`); the scheduler advances only
     on optimizer steps, so `run.steps` counts optimizer steps whatever `grad_accum` is.
@@ -83,7 +84,7 @@ def build_engine(model: torch.nn.Module, run: RunConfig, optim: OptimConfig, dis
             (decay if p.ndim >= 2 else no_decay).append(p)  # biases and norm scales are not decayed
     groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
-    optimizer = torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps)
+    optimizer = make_optimizer(groups, optim)
 
     def lr_lambda(step: int) -> float:
         return warmup_cosine(
@@ -99,6 +100,15 @@ def build_engine(model: torch.nn.Module, run: RunConfig, optim: OptimConfig, dis
     )
     engine.checkpoint_engine.load = _safe_load  # DeepSpeed itself unpickles with weights_only=False
     return engine
+
+
+def make_optimizer(groups: list[dict], optim: OptimConfig) -> torch.optim.Optimizer:
+    """`optim.name` over parameter `groups` (each with its own weight decay). Adam's decay is L2 in the
+    gradient (torch.optim.Adam); AdamW's is decoupled."""
+    if optim.name == "sgd":
+        return torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum)
+    cls = torch.optim.AdamW if optim.name == "adamw" else torch.optim.Adam
+    return cls(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps)
 
 
 def resume_schedule(engine: Any, lr: float) -> None:

@@ -52,12 +52,16 @@ class RunConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class OptimConfig:
-    """AdamW with linear warmup and a cosine decay; every value is passed to DeepSpeed explicitly."""
+    """The optimiser (AdamW by default; Adam as MIL-NCE, SGD with momentum as GDT and SeLaVi) with linear warmup
+    and a cosine decay to `final_lr_ratio` (1.0: constant after the warm-up, as GDT and SeLaVi); every value is
+    passed to DeepSpeed explicitly."""
 
+    name: Literal["adamw", "adam", "sgd"] = "adamw"
     lr: float = 1e-3
     weight_decay: float = 1e-5  # not applied to biases and norm parameters
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
+    betas: tuple[float, float] = (0.9, 0.999)  # adam, adamw
+    eps: float = 1e-8  # adam, adamw
+    momentum: float = 0.9  # sgd (Nesterov off)
     warmup_steps: int = 0
     final_lr_ratio: float = 0.0  # lr at the last step, relative to `lr`
     clip_grad_norm: float = 0.0  # 0 = off (DeepSpeed 0.19 would otherwise clip at 1.0)
@@ -69,6 +73,8 @@ class OptimConfig:
             raise ValueError("optim.warmup_steps, optim.clip_grad_norm and optim.weight_decay must be >= 0")
         if not 0.0 <= self.final_lr_ratio <= 1.0:
             raise ValueError(f"optim.final_lr_ratio must be in [0, 1], got {self.final_lr_ratio}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ValueError(f"optim.momentum must be in [0, 1), got {self.momentum}")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -7,6 +7,7 @@ import math
 import shutil
 
 import numpy as np
+import pytest
 
 from launch.cli import main
 
@@ -62,3 +63,39 @@ def test_quickstart_runs_every_stage_and_a_rerun_reuses_them(tmp_path, capsys, r
     assert main(args) == 0
     assert (run_dir / "checkpoints" / "step_00000004").is_dir()
     assert json.loads((out / "quickstart.json").read_text())["rows"] == rows  # same seeds, same table
+
+
+# What each objective's evaluation needs in the trained model's embedding, and its table's columns.
+NEEDS = {
+    "gdt": ("video@va", "audio@va", "video_feat", "audio_feat"),
+    "selavi": ("video_feat", "audio_feat", "video_logits", "audio_logits"),
+    "mmv": ("video@va", "audio@va", "video@vat", "text@vat", "video_logits"),
+}
+
+
+@pytest.fixture(scope="module")
+def shared_out(tmp_path_factory):
+    """One quickstart folder for every objective: they share the corpus, the shards and the tokenizer."""
+    return tmp_path_factory.mktemp("qs_objectives") / "qs"
+
+
+@pytest.mark.parametrize("objective", ["gdt", "selavi", "mmv"])
+def test_quickstart_of_each_objective_prints_its_table(objective, shared_out, capsys, restore_launcher_env):
+    from launch.quickstart import COLUMNS
+
+    args = ["quickstart", "--objective", objective, "--out", str(shared_out), "--videos", "20", "--steps", "4"]
+    args += ["--set", "run.batch_size=4", "--set", "data.num_workers=0"]
+    if objective in ("selavi", "mmv"):  # about 14 training videos: fewer clusters than videos, a short warm-up
+        args += ["--set", "model.selflabel_clusters=4", "--set", "loss.selflabel.bn_warmup_batches=2"]
+    assert main(args) == 0
+    table = capsys.readouterr().out
+    result = json.loads((shared_out / f"quickstart_{objective}.json").read_text())
+    assert result["objective"] == objective and set(result["rows"]) == {"random init", "trained"}
+    header = next(line for line in table.splitlines() if line.startswith("model"))
+    assert header.split()[1:] == list(COLUMNS[objective])
+    for row in result["rows"].values():
+        assert all(math.isfinite(row[c]) for c in COLUMNS[objective]), row
+    trained = shared_out / "embed" / f"quickstart_{objective}" / "trained"
+    assert {f"{name}.npy" for name in NEEDS[objective]} <= {p.name for p in trained.iterdir()}
+    assert (shared_out / f"report_{objective}" / "index.html").is_file()
+    assert (shared_out / "data" / "train" / "dataset.json").is_file()  # built once, by the first objective

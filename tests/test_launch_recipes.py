@@ -8,18 +8,22 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from launch.cmd_train import CONFIGS
 from pipeline.train_config import load_train_config
 
 RECIPES = sorted(p.stem for p in CONFIGS.glob("*.yaml"))
-FULL = [r for r in RECIPES if not r.endswith("_tiny")]
+# The other objectives' quickstart recipes run cut down in tests/test_launch_quickstart.py instead of as _tiny.
+QUICKSTARTS = ["quickstart_gdt", "quickstart_mmv", "quickstart_selavi"]
+FULL = [r for r in RECIPES if not r.endswith("_tiny") and r not in QUICKSTARTS]
 TINY = [r for r in RECIPES if r.endswith("_tiny")]
 
 
 def test_the_five_recipe_families_exist_with_tiny_variants():
     assert set(FULL) == {"quickstart", "milnce_s3d", "gdt_av", "selavi_av", "mmv_fac"}
     assert set(TINY) == {f"{r}_tiny" for r in FULL}
+    assert set(RECIPES) == {*FULL, *TINY, *QUICKSTARTS}
 
 
 @pytest.mark.parametrize("name", RECIPES)
@@ -76,3 +80,15 @@ def test_tiny_recipe_trains_to_a_finite_loss(name, dataset, tmp_path, restore_la
         rows = [json.loads(line) for line in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
         runs = [r["step"] for r in rows if "selflabel/coverage" in r]
         assert len(runs) == cfg.loss.selflabel.relabels and max(runs) < cfg.run.steps, runs
+
+
+@pytest.mark.parametrize("name", ["mmv_fac", "mmv_fac_tiny", "quickstart_gdt", "quickstart_selavi", "quickstart_mmv"])
+def test_audio_covers_the_video_clip_where_the_objective_aligns_them(name):
+    from models.towers import build_model
+    from pipeline.data_config import data_config_for
+
+    cfg = load_train_config(CONFIGS / f"{name}.yaml")
+    with torch.device("meta"):
+        contracts = build_model(cfg.model).input_contracts()
+    data = data_config_for(cfg.data, contracts)
+    assert data.audio.seconds == pytest.approx(data.num_frames / data.fps)

@@ -247,3 +247,28 @@ def test_checkpoint_from_another_world_size_is_refused_with_advice(dist_info, tm
     meta_path.write_text(json.dumps({"step": 1, "world_size": 4}))
     with pytest.raises(ValueError, match="saved by 4 ranks.*ds_to_universal"):
         ckpt.load_checkpoint(engine, tmp_path, rank=0, world_size=1)
+
+
+def test_sgd_with_momentum_takes_the_steps_torch_sgd_takes(dist_info):
+    """optim.name=sgd (GDT, SeLaVi) is plain momentum SGD with decay on weights only: same updates as torch's."""
+    optim = OptimConfig(name="sgd", lr=0.05, momentum=0.9, weight_decay=0.01, final_lr_ratio=1.0)  # a flat lr
+    engine = _engine(dist_info, optim=optim)
+    assert type(engine.optimizer).__name__ == "SGD" and engine.optimizer.param_groups[0]["momentum"] == 0.9
+    torch.manual_seed(0)
+    ref = Toy()
+    decay = [p for p in ref.parameters() if p.ndim >= 2]
+    rest = [p for p in ref.parameters() if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": 0.01}, {"params": rest, "weight_decay": 0.0}]
+    opt = torch.optim.SGD(groups, lr=0.05, momentum=0.9)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        x = torch.randn(engine.train_micro_batch_size_per_gpu(), 6, generator=g)
+        loss = ref(x).pow(2).mean() + ref(x).sum() * 0.3
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    _train(engine, 3)
+    torch.testing.assert_close(engine.module.lin.weight, ref.lin.weight)
+    assert type(_engine(dist_info, optim=OptimConfig(name="adam")).optimizer).__name__ == "Adam"
+    with pytest.raises(ValueError, match="momentum"):
+        OptimConfig(name="sgd", momentum=1.0)
