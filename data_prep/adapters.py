@@ -1,4 +1,4 @@
-"""Public-corpus annotation files -> `SourceList`: HowTo100M, Kinetics, VGGSound, MSR-VTT, YouCook2.
+"""Public-corpus annotation files -> `SourceList`: HowTo100M, Kinetics, VGGSound, MSR-VTT, YouCook2, UCF101, HMDB51.
 
 Each adapter reads the corpus's own annotation file as published and looks the videos up by file
 stem anywhere under a video root (recursive, so `<root>/<split>/<class>/<id>.mp4` layouts work too).
@@ -220,12 +220,87 @@ def read_youcook2(annotation: Path, *, videos: Path, split: str | None = None) -
     return out.sources, left_out
 
 
+def read_ucf101(annotation: Path, *, videos: Path, split: str | None = None) -> tuple[SourceList, int]:
+    """UCF101's `ucfTrainTestlist/`: `classInd.txt` ("1 ApplyEyeMakeup"), `trainlist0N.txt`
+    ("ApplyEyeMakeup/v_ApplyEyeMakeup_g08_c01.avi 1") and `testlist0N.txt` (the path only).
+
+    `annotation` is the folder (split 1) or one of its list files (that file's split N, both lists read).
+    The label is the class name; a class that `classInd.txt` does not list is a failed row.
+    """
+    folder, fold = _split_folder(annotation, "list0", ".txt")
+    classes = {}
+    for line in _lines(folder / "classInd.txt"):
+        number, _, name = line.partition(" ")
+        classes[name.strip()] = number
+    out, wanted, left_out = _Collector(videos), normalize_split(split), 0
+    for row_split, name in (("train", f"trainlist0{fold}.txt"), ("test", f"testlist0{fold}.txt")):
+        for line in _lines(folder / name):
+            if wanted is not None and row_split != wanted:
+                left_out += 1
+                continue
+            rel = line.split()[0]
+            label, _, file = rel.rpartition("/")
+            stem = Path(file).stem
+            if label not in classes:
+                out.fail(stem or line, "bad_row", f"{name}: class {label!r} is not in classInd.txt")
+                continue
+            out.add(stem, [stem], label=label, split=row_split)
+    return out.sources, left_out
+
+
+def read_hmdb51(annotation: Path, *, videos: Path, split: str | None = None) -> tuple[SourceList, int]:
+    """HMDB51's `testTrainMulti_7030_splits/`: one `<class>_test_split<N>.txt` per class and split, lines
+    "<video>.avi <k>" with k = 1 train, 2 test, 0 not used (left out, counted).
+
+    `annotation` is the folder (split 1) or one of its files (that file's split N, every class read).
+    """
+    folder, fold = _split_folder(annotation, "_test_split", ".txt")
+    files = sorted(folder.glob(f"*_test_split{fold}.txt"))
+    if not files:
+        raise ValueError(f"{folder}: no *_test_split{fold}.txt files (not HMDB51's testTrainMulti_7030_splits)")
+    out, wanted, left_out = _Collector(videos), normalize_split(split), 0
+    for path in files:
+        label = path.name[: -len(f"_test_split{fold}.txt")]
+        for line in _lines(path):
+            file, _, kind = line.rpartition(" ")
+            row_split = {"1": "train", "2": "test"}.get(kind.strip())
+            if row_split is None or (wanted is not None and row_split != wanted):
+                left_out += 1
+                continue
+            stem = Path(file.strip()).stem
+            out.add(stem, [stem], label=label, split=row_split)
+    return out.sources, left_out
+
+
+def _split_folder(annotation: Path, marker: str, suffix: str) -> tuple[Path, int]:
+    """The split-list folder and split number of an `annotation` that is the folder (split 1) or a list file."""
+    annotation = Path(annotation)
+    if annotation.is_dir():
+        return annotation, 1
+    name = annotation.name
+    at = name.rfind(marker)
+    digit = name[at + len(marker) : -len(suffix)] if at >= 0 and name.endswith(suffix) else ""
+    if not digit.isdigit() or not 1 <= int(digit) <= 3:
+        raise ValueError(f"{annotation}: expected the split-list folder or one of its split files (split 1-3)")
+    return annotation.parent, int(digit)
+
+
+def _lines(path: Path) -> list[str]:
+    if not path.is_file():
+        raise ValueError(f"{path} not found")
+    return [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+
+
+FOLDER_FORMATS = ("ucf101", "hmdb51")  # their annotation is a folder of split lists
+
 ADAPTERS: dict[str, Callable[..., tuple[SourceList, int]]] = {
     "howto100m": read_howto100m,
     "kinetics": read_kinetics,
     "vggsound": read_vggsound,
     "msrvtt": read_msrvtt,
     "youcook2": read_youcook2,
+    "ucf101": read_ucf101,
+    "hmdb51": read_hmdb51,
 }
 
 

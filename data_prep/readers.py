@@ -48,7 +48,8 @@ def read_sources(
 ) -> SourceList:
     """Read a video directory, a manifest (.csv/.jsonl) or a public-corpus annotation file into a `SourceList`.
 
-    fmt: auto | dir | manifest | howto100m | kinetics | vggsound | msrvtt | youcook2. `split` keeps only
+    fmt: auto | dir | manifest | howto100m | kinetics | vggsound | msrvtt | youcook2 | ucf101 | hmdb51 (these
+    two take their split-list folder or one of its files). `split` keeps only
     items of that split (`training`/`validation`/`testing` match `train`/`val`/`test`). `videos` is the
     folder that manifest paths and corpus video ids resolve against (default: the manifest's or
     annotation file's folder).
@@ -62,7 +63,7 @@ def read_sources(
     if root is not None and not root.is_dir():
         raise ValueError(f"videos root is not a directory: {root}")
     if fmt in adapters.ADAPTERS:
-        if not input.is_file():
+        if not input.is_file() and fmt not in adapters.FOLDER_FORMATS:
             raise ValueError(
                 f"--format {fmt} (fmt={fmt!r}) expects the corpus annotation file, got a directory: {input}"
             )

@@ -102,6 +102,21 @@ class SearchConfig(WordListConfig):
     """`vatp search`: only the word-list settings; the tokenizer and the embedding's windows are found for it."""
 
 
+@dataclass(frozen=True, kw_only=True)
+class ZeroShotConfig(WordListConfig):
+    """`vatp eval zeroshot`."""
+
+    templates: tuple[str, ...] = ("{}", "a video of {}.", "a person {}.", "how to {}.")  # prompts, {} = class words
+    ks: tuple[int, ...] = (1, 5)  # top-k accuracies reported
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.templates or any(t.count("{}") != 1 for t in self.templates):
+            raise ValueError(f"templates must each hold exactly one '{{}}', got {list(self.templates)!r}")
+        if not self.ks or min(self.ks) < 1:
+            raise ValueError(f"ks must be positive, got {list(self.ks)!r}")
+
+
 def eval_config(cls: type[C], overrides: Sequence[str] = ()) -> C:
     """`cls` at its defaults with each `key=value` of `overrides` applied (values parsed as YAML)."""
     return from_dict(cls, apply_overrides({}, list(overrides)))

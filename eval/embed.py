@@ -151,6 +151,7 @@ def embed_dataset(
     expected = None if None in sizes else sum(sizes)
     info = {"checkpoint": model.path, "kind": model.source, "dataset": str(dataset), "windows": windows}
     info["world_size"] = world_size
+    info["dot_product_spaces"] = sorted(getattr(model.module, "dot_product_spaces", ()))
     summary = {"embedded": 0, "resumed": 0, "seconds": 0.0}
     if not merged:
         summary = extract_embeddings(
@@ -239,13 +240,19 @@ def extract_embeddings(
     info: dict | None = None,
     total: int | None = None,
     complete: bool = True,
+    dot_product_spaces: Iterable[str] | None = None,
 ) -> dict:
     """Embed every batch with `model` into `out` (this rank's part), then merge on rank 0 (`complete=False`:
     the caller marks the directory complete itself, `embed_files.mark_complete`, after its own last steps).
 
     `batches` yields eval batches (pipeline.data.make_eval_loader). Call on every rank; ranks synchronise
     through torch.distributed when it is initialised. Returns a summary dict (rows, skipped, seconds).
+
+    Spaces the model declares `normalize: false` (`dot_product_spaces`, default: the model's own attribute) are
+    stored as the plain mean of the window embeddings and raw caption embeddings, so retrieval ranks them by the
+    dot product, as the MIL-NCE release does; every other space is stored as unit vectors (cosine).
     """
+    raw = set(getattr(model, "dot_product_spaces", ()) if dot_product_spaces is None else dot_product_spaces)
     out = Path(out)
     parts = out / "parts"
     parts.mkdir(parents=True, exist_ok=True)
@@ -260,7 +267,7 @@ def extract_embeddings(
         skipped += int((~keep).sum())
         if not keep.any():
             continue
-        rows = _embed_batch(model, _select(batch, keep), device)
+        rows = _embed_batch(model, _select(batch, keep), device, raw)
         buf.append(rows)
         embedded += len(rows["idx"])
         if len(buf) >= flush_every:
@@ -278,7 +285,7 @@ def extract_embeddings(
     return summary
 
 
-def _embed_batch(model: Callable[[dict], dict], batch: dict, device) -> dict:
+def _embed_batch(model: Callable[[dict], dict], batch: dict, device, raw: set[str] = frozenset()) -> dict:
     inputs = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
     with torch.inference_mode():
         out = model(inputs)
@@ -287,7 +294,8 @@ def _embed_batch(model: Callable[[dict], dict], batch: dict, device) -> dict:
     for name, x in out.items():
         if "@" in name and name.startswith(("video@", "audio@")):
             x = x.reshape(b, -1, x.shape[-1])  # (B, W, D)
-            rows[name] = average_windows(x).cpu().numpy()
+            dot = name.split("@", 1)[1] in raw
+            rows[name] = (x.float().mean(1) if dot else average_windows(x)).cpu().numpy()
             if name.startswith("video@"):
                 rows[name + ".windows"] = F.normalize(x.float(), dim=-1).cpu().numpy()
         elif name.startswith("text@"):
@@ -295,7 +303,8 @@ def _embed_batch(model: Callable[[dict], dict], batch: dict, device) -> dict:
             if batch.get("meta") is not None:  # trust the caption list over the tokens (an all-pad caption stays)
                 n_caps = torch.tensor([len(m.get("captions") or []) for m in batch["meta"]])
                 mask = torch.arange(mask.shape[1])[None] < n_caps[:, None]
-            x = F.normalize(x.float().reshape(b, mask.shape[1], -1), dim=-1).cpu()  # (B, K, D)
+            x = x.float().reshape(b, mask.shape[1], -1)  # (B, K, D)
+            x = (x if name.split("@", 1)[1] in raw else F.normalize(x, dim=-1)).cpu()
             rows[name] = x[mask].numpy()
             rows["text_count"] = mask.sum(1).numpy().astype(np.int64)
         elif name in ("video/feat", "audio/feat"):  # backbone features: k-means, kNN and probes on any model

@@ -3,7 +3,8 @@
 Layout (rows ordered by sample idx):
 
     meta.jsonl               one line per video row: row, idx, id, label, captions, has_audio, windows
-    <modality>@<space>.npy   float16 (N, D), L2-normalised mean of the N windows' normalised embeddings
+    <modality>@<space>.npy   float16 (N, D), L2-normalised mean of the windows' normalised embeddings (the plain
+                             mean of the windows for a dot-product space, embed.json's `dot_product_spaces`)
     video@<space>.windows.npy  float16 (N, W, D) per-window embeddings (for time windows in search)
     text@<space>.npy         float16 (C, D), one row per caption, videos in row order, captions in meta order
     caption_video.npy        int64 (C,), the video row of each caption row

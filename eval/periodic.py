@@ -52,7 +52,15 @@ def held_out_retrieval(cfg: TrainConfig) -> Evaluate:
         device = next(module.parameters()).device
         model.eval()
         loader = make_eval_loader(data, rank=rank(), world_size=world_size())
-        extract_embeddings(model, loader, out, rank=rank(), world_size=world_size(), device=device)
+        extract_embeddings(
+            model,
+            loader,
+            out,
+            rank=rank(),
+            world_size=world_size(),
+            device=device,
+            dot_product_spaces=module.dot_product_spaces,
+        )
         model.train()
         if rank() != 0:
             return {}

@@ -223,7 +223,11 @@ def retrieval_tasks(emb) -> list[tuple[str, np.ndarray, np.ndarray, Sequence[np.
 
 
 def evaluate_retrieval(emb, *, method: str = "exact", k: int = 100, directions: list[str] | None = None, **kw) -> dict:
-    """Metrics (and a recall@K curve) for every retrieval direction of an embedding directory."""
+    """Metrics (and a recall@K curve) for every retrieval direction of an embedding directory.
+
+    Items are ranked by the inner product of the stored arrays: a space the model declares `normalize: false`
+    was stored un-normalised, so it ranks by the dot product (the MIL-NCE release), every other by cosine.
+    """
     results = {}
     tasks = retrieval_tasks(emb)
     if directions:
@@ -233,6 +237,7 @@ def evaluate_retrieval(emb, *, method: str = "exact", k: int = 100, directions: 
         tasks = [t for t in tasks if t[0] in directions]
     if not tasks:  # a model without shared spaces (self-labelling): class protocols may still apply
         log.info("%s: no pair of modalities shares a space, no cross-modal retrieval", emb.root)
+    dot = set(emb.info.get("dot_product_spaces") or ())
     for name, queries, gallery, gt in tasks:
         if len(queries) == 0:
             log.warning("%s: no queries (no captions or no audio), skipped", name)
@@ -241,6 +246,7 @@ def evaluate_retrieval(emb, *, method: str = "exact", k: int = 100, directions: 
         censored_at = None if method == "exact" or k >= len(gallery) else k
         m = metrics_from_ranks(ranks, censored_at=censored_at)
         m["gallery"] = int(len(gallery))
+        m["similarity"] = "dot" if name.split("@", 1)[1] in dot else "cosine"  # how `vatp embed` stored the space
         top = min(len(gallery), censored_at or len(gallery))
         m["curve"] = {str(c): float(100.0 * np.mean(ranks <= c)) for c in CURVE_KS if c <= top}
         results[name] = m

@@ -15,6 +15,7 @@ from eval.config import (
     RetrievalConfig,
     SearchConfig,
     WordListConfig,
+    ZeroShotConfig,
     describe,
     eval_config,
 )
@@ -56,6 +57,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--k", type=int, default=10, help="clusters when --clusters is not given")
     p.add_argument("--out", required=True, help="report directory")
     p.set_defaults(func=run_report)
+
+    p = _add_parser(cmds, "zeroshot", ZeroShotConfig, "classify videos from their class names (text prompts)")
+    p.add_argument("embeddings", help="embedding directory of labelled videos (the labels name the classes)")
+    p.add_argument("--checkpoint", required=True, help="the checkpoint the embeddings were made with")
+    p.add_argument("--tokenizer", default=None, help="sentencepiece model (default: the export's, else the dataset's)")
+    p.add_argument("--space", default="vt", help="the video-text space to compare in")
+    p.add_argument("--out", default=None, help="metrics JSON (default: <embeddings>/zeroshot.json)")
+    p.set_defaults(func=run_zeroshot)
 
     p = _add_parser(sub, "search", SearchConfig, "top-k videos for a text query or a query clip")
     p.add_argument("query", nargs="?", default=None, help="text query")
@@ -258,6 +267,29 @@ def run_report(args: argparse.Namespace) -> int:
         preview=cfg.preview,
     )
     print(f"report  {path}  ({len(set(assign.tolist()))} clusters, {len(assign)} videos)")
+    return 0
+
+
+def run_zeroshot(args: argparse.Namespace) -> int:
+    from eval.embed import read_embeddings
+    from eval.probe import row_array
+    from eval.zeroshot import class_embeddings, class_prompts, zero_shot_accuracy
+
+    cfg = eval_config(ZeroShotConfig, args.overrides)
+    emb = read_embeddings(args.embeddings)
+    labels, names = emb.labels()
+    keep = labels >= 0
+    if len(names) < 2 or not keep.any():
+        raise ValueError(f"{args.embeddings}: zero-shot classification needs labelled videos of at least two classes")
+    model = _load_model(args.checkpoint, find_tokenizer(args.tokenizer, args.checkpoint, emb.info.get("dataset")), cfg)
+    classes = class_embeddings(model, class_prompts(names, cfg.templates), space=args.space)  # (C, D)
+    video = row_array(emb, f"video@{args.space}")[keep]
+    result = zero_shot_accuracy(video @ classes.T, labels[keep], cfg.ks)
+    result.update(classes=len(names), videos=int(keep.sum()), space=args.space, templates=list(cfg.templates))
+    out = Path(args.out or Path(args.embeddings) / "zeroshot.json")
+    out.write_text(json.dumps({"zero-shot": result}, indent=1), encoding="utf-8")
+    print(format_metrics({"zero-shot": result}))
+    print(f"-> {out}")
     return 0
 
 

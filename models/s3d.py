@@ -266,6 +266,8 @@ class S3DHowTo100M(nn.Module):
         self.video = video
         self.text = text
 
+    dot_product_spaces = ("vt",)  # the release compares un-normalised embeddings by their dot product
+
     def input_contracts(self) -> dict[str, VideoInput]:
         return {"video": VideoInput(num_frames=32, size=224, fps=10.0)}
 

@@ -168,6 +168,11 @@ class MultiTower(nn.Module):
             raise ValueError("set_audio_permutation: this model has no audio self-label heads")
         self.selflabel["audio"].set_permutation(perm)
 
+    @property
+    def dot_product_spaces(self) -> tuple[str, ...]:
+        """Spaces declared `normalize: false`: compared by the dot product (evaluation stores them un-normalised)."""
+        return tuple(s.name for s in self.spaces if not s.normalize)
+
     def input_contracts(self) -> dict[str, VideoInput | AudioInput | TextInput]:
         """Contracts of the present towers only."""
         return {m: enc.input_contract for m, enc in self.encoders.items()}

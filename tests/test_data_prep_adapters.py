@@ -146,3 +146,67 @@ def test_adapter_argument_errors(tmp_path):
     wrong.write_text("[1, 2")
     with pytest.raises(ValueError, match="not valid JSON"):
         read_sources(wrong, "youcook2")
+
+
+def _ucf101(root):
+    """A replica of UCF101's `ucfTrainTestlist/` (three classes) and its `UCF-101/<class>/v_*.avi` videos."""
+    lists = root / "ucfTrainTestlist"
+    lists.mkdir(parents=True)
+    (lists / "classInd.txt").write_text("1 ApplyEyeMakeup\r\n2 Archery\r\n3 YoYo\r\n")
+    train = ["ApplyEyeMakeup/v_ApplyEyeMakeup_g08_c01.avi 1", "Archery/v_Archery_g09_c02.avi 2"]
+    (lists / "trainlist01.txt").write_text("\r\n".join(train) + "\r\n")
+    (lists / "testlist01.txt").write_text("ApplyEyeMakeup/v_ApplyEyeMakeup_g01_c01.avi\r\nYoYo/v_YoYo_g01_c03.avi\r\n")
+    (lists / "trainlist02.txt").write_text("YoYo/v_YoYo_g01_c03.avi 3\r\n")
+    (lists / "testlist02.txt").write_text("Archery/v_Archery_g09_c02.avi\r\n")
+    for line in [*train, "ApplyEyeMakeup/v_ApplyEyeMakeup_g01_c01.avi", "YoYo/v_YoYo_g01_c03.avi"]:
+        _touch(root / "UCF-101" / line.split()[0])
+    return lists
+
+
+def test_ucf101_split_lists_give_class_labels_and_splits(tmp_path):
+    lists = _ucf101(tmp_path)
+    items = _by_id(read_sources(lists, "ucf101", videos=tmp_path / "UCF-101"))
+    assert {k: (v.label, v.split) for k, v in items.items()} == {
+        "v_ApplyEyeMakeup_g08_c01": ("ApplyEyeMakeup", "train"),
+        "v_Archery_g09_c02": ("Archery", "train"),
+        "v_ApplyEyeMakeup_g01_c01": ("ApplyEyeMakeup", "test"),
+        "v_YoYo_g01_c03": ("YoYo", "test"),
+    }
+    test = read_sources(lists, "ucf101", split="test", videos=tmp_path / "UCF-101")
+    assert sorted(_by_id(test)) == ["v_ApplyEyeMakeup_g01_c01", "v_YoYo_g01_c03"]
+    fold2 = _by_id(read_sources(lists / "testlist02.txt", "ucf101", videos=tmp_path / "UCF-101"))
+    assert {k: v.split for k, v in fold2.items()} == {"v_YoYo_g01_c03": "train", "v_Archery_g09_c02": "test"}
+    (lists / "testlist01.txt").write_text("Juggling/v_Juggling_g01_c01.avi\r\n")
+    bad = read_sources(lists, "ucf101", videos=tmp_path / "UCF-101")
+    assert [f.reason for f in bad.failures] == ["bad_row"] and "classInd" in bad.failures[0].detail
+
+
+def test_hmdb51_split_files_use_1_train_2_test_0_unused(tmp_path):
+    splits = tmp_path / "testTrainMulti_7030_splits"
+    splits.mkdir()
+    rows = {
+        "brush_hair": [
+            "April_09_brush_hair_u_nm_np1_ba_goo_0.avi 1",
+            "Blonde_being_brushed_brush_hair_f_nm_np2_ri_med_0.avi 2",
+        ],
+        "cartwheel": [
+            "(Rad)Schlag_die_Bank!_cartwheel_f_cm_np1_le_med_0.avi 2",
+            "Acrobacias_de_un_fenomeno_cartwheel_f_cm_np1_ba_bad_8.avi 0",
+        ],
+    }
+    for label, lines in rows.items():
+        (splits / f"{label}_test_split1.txt").write_text(" \n".join(lines) + " \n")
+        (splits / f"{label}_test_split2.txt").write_text(lines[0][:-1] + "2 \n")
+        for line in lines:
+            _touch(tmp_path / "hmdb51" / label / line.split()[0])
+    sources = read_sources(splits, "hmdb51", videos=tmp_path / "hmdb51")
+    assert {k: (v.label, v.split) for k, v in _by_id(sources).items()} == {
+        "April_09_brush_hair_u_nm_np1_ba_goo_0": ("brush_hair", "train"),
+        "Blonde_being_brushed_brush_hair_f_nm_np2_ri_med_0": ("brush_hair", "test"),
+        "(Rad)Schlag_die_Bank!_cartwheel_f_cm_np1_le_med_0": ("cartwheel", "test"),
+    }  # the "0" row (not used in split 1) is left out
+    fold2 = read_sources(splits / "cartwheel_test_split2.txt", "hmdb51", videos=tmp_path / "hmdb51")
+    assert {v.split for v in fold2.items} == {"test"} and len(fold2.items) == 2
+    (splits / "cartwheel_test_split9.txt").write_text("")
+    with pytest.raises(ValueError, match="split 1-3"):
+        read_sources(splits / "cartwheel_test_split9.txt", "hmdb51", videos=tmp_path / "hmdb51")

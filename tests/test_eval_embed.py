@@ -395,3 +395,30 @@ def test_vatp_embed_under_srun_maps_slurm_variables_like_training(setup, single,
     emb = read_embeddings(tmp_path / "emb")
     assert emb.info["world_size"] == 2 and [m["idx"] for m in emb.meta] == [m["idx"] for m in single.meta]
     np.testing.assert_allclose(emb.get("video@va"), single.get("video@va"), atol=2e-3)
+
+
+def test_a_dot_product_space_is_stored_unnormalised_and_ranked_by_the_dot_product(export_tiny_model, tmp_path):
+    from eval.retrieval import evaluate_retrieval
+    from models.towers import SpaceConfig
+    from pipeline.data import make_eval_loader
+    from pipeline.data_config import DataConfig, DatasetSource, data_config_for
+
+    export, data = export_tiny_model(
+        "dot",
+        video="s3d_tiny",
+        text="text_tiny",
+        spaces=[SpaceConfig("vt", ["video", "text"], dim=16, normalize=False)],
+    )
+    model = load_model(export, tokenizer=data / "tokenizer.model")
+    embed_dataset(model, data, tmp_path / "emb", windows=WINDOWS, batch_size=8, num_workers=0)
+    emb = read_embeddings(tmp_path / "emb")
+    assert emb.info["dot_product_spaces"] == ["vt"]
+    cfg = DataConfig(datasets=[DatasetSource(str(data))], batch_size=8, num_workers=0, eval_windows=WINDOWS)
+    batch = next(iter(make_eval_loader(data_config_for(cfg, model.contracts))))
+    with torch.no_grad():
+        out = model.module({k: v for k, v in batch.items() if isinstance(v, torch.Tensor)})
+    rows = batch["idx"].numpy()
+    np.testing.assert_allclose(emb.get("video@vt")[rows], out["video@vt"].float().mean(1).numpy(), rtol=1e-2, atol=1e-3)
+    assert not np.allclose(np.linalg.norm(emb.get("text@vt"), axis=1), 1.0, atol=1e-2)  # captions kept raw too
+    assert evaluate_retrieval(emb)["text->video@vt"]["similarity"] == "dot"
+    assert evaluate_retrieval(read_embeddings(tmp_path / "emb"))["video->text@vt"]["similarity"] == "dot"
