@@ -185,6 +185,24 @@ def read_msrvtt(annotation: Path, *, videos: Path, split: str | None = None) -> 
     return out.sources, left_out
 
 
+def read_msrvtt_1ka(annotation: Path, *, videos: Path, split: str | None = None) -> tuple[SourceList, int]:
+    """The MSR-VTT 1k-A test list (JSFusion's `MSRVTT_JSFUSION_test.csv`: key,vid_key,video_id,sentence), the test
+    set of JSFusion, CLIP4Clip and MIL-NCE's evaluation: one item per row, its one sentence over the whole clip."""
+    if split is not None and normalize_split(split) != "test":
+        raise ValueError(f"split={split!r}: the 1k-A list is a test set")
+    out = _Collector(videos)
+    with open(annotation, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        missing = {"video_id", "sentence"} - set(reader.fieldnames or [])
+        if missing:
+            raise ValueError(f"{annotation}: not the MSR-VTT 1k-A list, missing column(s) {sorted(missing)}")
+        for row in reader:
+            vid = (row["video_id"] or "").strip()
+            captions = captions_from_json([{"text": row["sentence"] or ""}]).captions
+            out.add(vid, [vid], captions=captions, split="test")
+    return out.sources, 0
+
+
 def read_youcook2(annotation: Path, *, videos: Path, split: str | None = None) -> tuple[SourceList, int]:
     """YouCook2 `youcookii_annotations_*.json`: {"database": {vid: {subset, recipe_type, annotations}}}.
 
@@ -298,6 +316,7 @@ ADAPTERS: dict[str, Callable[..., tuple[SourceList, int]]] = {
     "kinetics": read_kinetics,
     "vggsound": read_vggsound,
     "msrvtt": read_msrvtt,
+    "msrvtt_1ka": read_msrvtt_1ka,
     "youcook2": read_youcook2,
     "ucf101": read_ucf101,
     "hmdb51": read_hmdb51,

@@ -6,6 +6,7 @@ samples whose idx is already in a part, and rank 0 merges the parts once every r
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -22,7 +23,15 @@ from tqdm import tqdm
 
 from eval import embed_files
 from eval.embed_files import COMPLETE, Embeddings, merge_parts, read_embeddings
-from pipeline.dataset import DATASET_JSON, SHARDS_DIR, encode_batch, iter_json_members, load_tokenizer
+from pipeline.dataset import (
+    DATASET_JSON,
+    SHARDS_DIR,
+    TOKENIZER_NAME,
+    encode_batch,
+    iter_json_members,
+    load_tokenizer,
+    tokenizer_path,
+)
 from pipeline.distributed import barrier, sum_counts
 
 log = logging.getLogger(__name__)
@@ -54,6 +63,7 @@ class LoadedModel:
     tokenize: Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]] | None
     source: str  # "exported" or "s3d_howto100m"
     path: str = ""
+    tokenizer: str | None = None  # the sentencepiece model `tokenize` uses (exported models)
 
 
 def load_model(
@@ -85,7 +95,26 @@ def load_model(
     if "text" in contracts and tokenizer is not None:
         sp, max_tokens = load_tokenizer(tokenizer), contracts["text"].max_tokens
         tok = functools.partial(encode_batch, sp, max_tokens=max_tokens)
-    return LoadedModel(model, contracts, tok, "exported", str(checkpoint))
+    return LoadedModel(model, contracts, tok, "exported", str(checkpoint), None if tok is None else str(tokenizer))
+
+
+def find_tokenizer(explicit: str | None, checkpoint: str, dataset: str | None) -> Path | None:
+    """The sentencepiece model to embed text with: `explicit` when given; else the export directory's own copy
+    (`vatp export` puts the training tokenizer there); else the dataset's; else None (the released S3D, or a
+    model without a text tower, needs none)."""
+    if explicit:
+        return Path(explicit)
+    exported = Path(checkpoint) / TOKENIZER_NAME
+    if exported.is_file():
+        return exported
+    if dataset:
+        try:
+            path = tokenizer_path([dataset])
+        except ValueError:  # not a directory (e.g. the dataset has moved): nothing to look in
+            return None
+        if path.is_file():
+            return path
+    return None
 
 
 def _word_list_tokenizer(model) -> Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]]:
@@ -121,8 +150,12 @@ def embed_dataset(
     world_size: int = 1,
     device: str = "cpu",
     data_overrides: dict | None = None,
+    feature_windows: bool = False,
 ) -> dict:
-    """Embed every sample of `dataset` with `model` into `out` (see the module docstring); call on every rank."""
+    """Embed every sample of `dataset` with `model` into `out` (see the module docstring); call on every rank.
+
+    `feature_windows` also keeps each window's backbone features (`video_feat.windows`, N x W x F: large), for
+    protocols that classify windows (MIL-NCE's HMDB linear SVM)."""
     from pipeline.data import make_eval_loader, resolve_shards
     from pipeline.data_config import DataConfig, DatasetSource, data_config_for
 
@@ -134,7 +167,9 @@ def embed_dataset(
         return {"rows": len(read_embeddings(out).meta), "embedded": 0, "resumed": 0, "seconds": 0.0}
     merged = (out / embed_files.PENDING).is_file()  # an earlier run merged, then stopped in the last steps
     c = model.contracts
-    pairs_text_in_loader = "text" in c and model.source == "exported"
+    pairs_text_in_loader = "text" in c and model.source == "exported" and model.tokenizer is not None
+    if "text" in c and model.source == "exported" and model.tokenizer is None:
+        log.warning("the model has a text tower but no tokenizer was given: captions are not embedded")
     cfg = DataConfig(
         datasets=[DatasetSource(str(dataset))],
         views="eval",
@@ -145,6 +180,9 @@ def embed_dataset(
         with_meta=True,
         **(data_overrides or {}),
     )
+    cfg = dataclasses.replace(
+        cfg, text=dataclasses.replace(cfg.text, tokenizer=model.tokenizer)
+    )  # the model's vocabulary
     cfg = data_config_for(cfg, c, captions=pairs_text_in_loader)
     loader = make_eval_loader(cfg, rank=rank, world_size=world_size)
     sizes = [shard.samples for shard in resolve_shards(cfg.datasets)]
@@ -165,6 +203,7 @@ def embed_dataset(
             info=info,
             total=len(loader),
             complete=False,
+            feature_windows=feature_windows,
         )
     if loader.skipped:
         log.warning("rank %d: loader skipped samples: %s", rank, loader.skipped)
@@ -241,6 +280,7 @@ def extract_embeddings(
     total: int | None = None,
     complete: bool = True,
     dot_product_spaces: Iterable[str] | None = None,
+    feature_windows: bool = False,
 ) -> dict:
     """Embed every batch with `model` into `out` (this rank's part), then merge on rank 0 (`complete=False`:
     the caller marks the directory complete itself, `embed_files.mark_complete`, after its own last steps).
@@ -267,7 +307,7 @@ def extract_embeddings(
         skipped += int((~keep).sum())
         if not keep.any():
             continue
-        rows = _embed_batch(model, _select(batch, keep), device, raw)
+        rows = _embed_batch(model, _select(batch, keep), device, raw, feature_windows)
         buf.append(rows)
         embedded += len(rows["idx"])
         if len(buf) >= flush_every:
@@ -285,7 +325,9 @@ def extract_embeddings(
     return summary
 
 
-def _embed_batch(model: Callable[[dict], dict], batch: dict, device, raw: set[str] = frozenset()) -> dict:
+def _embed_batch(
+    model: Callable[[dict], dict], batch: dict, device, raw: set[str] = frozenset(), feature_windows: bool = False
+) -> dict:
     inputs = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
     with torch.inference_mode():
         out = model(inputs)
@@ -308,7 +350,10 @@ def _embed_batch(model: Callable[[dict], dict], batch: dict, device, raw: set[st
             rows[name] = x[mask].numpy()
             rows["text_count"] = mask.sum(1).numpy().astype(np.int64)
         elif name in ("video/feat", "audio/feat"):  # backbone features: k-means, kNN and probes on any model
-            rows[name.replace("/", "_")] = x.float().reshape(b, -1, x.shape[-1]).mean(1).cpu().numpy()  # (B, F)
+            x = x.float().reshape(b, -1, x.shape[-1])  # (B, W, F)
+            rows[name.replace("/", "_")] = x.mean(1).cpu().numpy()
+            if feature_windows and name == "video/feat":
+                rows["video_feat.windows"] = x.cpu().numpy()
         elif name.endswith("/logits"):
             h = x.shape[0]
             x = x.float().reshape(h, b, -1, x.shape[-1]).mean(2)  # (H, B, K), windows averaged

@@ -11,6 +11,7 @@ Layout (rows ordered by sample idx):
     video_logits.npy, audio_logits.npy   float16 (H, N, K) self-label head logits (the heads read window 0)
     video_feat.npy, audio_feat.npy       float16 (N, F) backbone features (before any space or head), averaged over
                                          the windows: what k-means, kNN and probes use on a model without spaces
+    video_feat.windows.npy   float16 (N, W, F) each window's backbone features (only when asked: benchmarks)
     embed.json               written last: what was embedded, and that the directory is complete
 
 Parts (`parts/rank<r>-<seq>.npz`) hold float16 arrays, `idx` (n,), `text_count` (n,) and a JSON `meta` list. The

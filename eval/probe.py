@@ -80,6 +80,38 @@ def linear_probe(
     return float(100.0 * np.mean(pred == test_y))
 
 
+def linear_svm_scores(
+    train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, *, C: float = 100.0, max_iter: int = 500
+) -> np.ndarray:
+    """Decision values `(N_test, classes)` of a one-vs-rest linear SVM, the classifier of MIL-NCE's HMDB protocol
+    (scikit-learn's `LinearSVC(C=C)`: squared hinge loss, L2 penalty on the weights and on the intercept, which
+    it treats as one more feature of value 1). Fitted in the primal with L-BFGS: the squared hinge is smooth.
+
+    Features are used as given (MIL-NCE feeds raw mixed_5c features); `test_x` may hold several windows of a
+    video, whose decision values the caller sums.
+    """
+    y = _check_labels(train_x, train_y, "train")
+    classes = int(y.max()) + 1
+    x = torch.as_tensor(np.asarray(train_x, dtype=np.float64))
+    x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)  # the intercept as a penalised feature
+    target = torch.where(F.one_hot(torch.as_tensor(y), classes).bool(), 1.0, -1.0).double()  # (N, classes)
+    w = torch.zeros(x.shape[1], classes, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w], lr=1.0, max_iter=max_iter, tolerance_grad=1e-9, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        margin = (1 - target * (x @ w)).clamp_min(0)  # (N, classes)
+        loss = 0.5 * w.square().sum() + C * margin.square().sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    test = torch.as_tensor(np.asarray(test_x, dtype=np.float64))
+    test = torch.cat([test, torch.ones(len(test), 1, dtype=test.dtype)], 1)
+    return (test @ w.detach()).numpy()
+
+
 def cross_validated_probe(x: np.ndarray, y: np.ndarray, *, folds: int = 5, seed: int = 0) -> float:
     """Top-1 accuracy (%) of `linear_probe` over `folds` folds of a seeded permutation: every labelled item is
     predicted once by a probe fitted on the other folds (for a test split without a training gallery)."""

@@ -20,7 +20,6 @@ from eval.config import (
     eval_config,
 )
 from pipeline.config import to_dict
-from pipeline.dataset import TOKENIZER_NAME, tokenizer_path
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +65,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=None, help="metrics JSON (default: <embeddings>/zeroshot.json)")
     p.set_defaults(func=run_zeroshot)
 
+    p = cmds.add_parser(
+        "benchmark",
+        help="a standard benchmark in one command: build, embed and score with the paper's protocol",
+        description="Build the benchmark's shards from its files as distributed (cached), embed them with the "
+        "protocol of the paper's evaluation code, score, and print each metric beside the paper's number "
+        "(docs/evaluation.md, Benchmarks). --set windows=N, num_frames=N, fps=F, size=S (null: the model's), "
+        "max_words=N change the protocol.",
+    )
+    p.add_argument("name", choices=("msrvtt", "ucf101", "hmdb51"), help="the benchmark")
+    p.add_argument("--root", required=True, help="the benchmark's folder as distributed (videos + annotation files)")
+    p.add_argument("--checkpoint", required=True, help="export dir or s3d_howto100m.pth")
+    p.add_argument("--out", default="benchmarks", help="shards, embeddings and <NAME>.json (default ./benchmarks)")
+    p.add_argument("--tokenizer", default=None, help="sentencepiece model (default: the export's)")
+    p.add_argument("--dict", default=None, help="the released S3D's word list s3d_dict.npy (its text tower)")
+    p.add_argument("--workers", type=int, default=2, help="build and loader worker processes")
+    p.add_argument("--device", default="auto", help="cpu, cuda, or auto")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(func=run_benchmark)
+
     p = _add_parser(sub, "search", SearchConfig, "top-k videos for a text query or a query clip")
     p.add_argument("query", nargs="?", default=None, help="text query")
     p.add_argument("--video", default=None, help="query clip instead of text")
@@ -93,25 +111,6 @@ def _add_parser(sub: argparse._SubParsersAction, name: str, config: type, help: 
     return p
 
 
-def find_tokenizer(explicit: str | None, checkpoint: str, dataset: str | None) -> Path | None:
-    """The sentencepiece model to embed text with: `explicit` when given; else the export directory's own copy
-    (`vatp export` puts the training tokenizer there); else the dataset's; else None (the released S3D, or a
-    model without a text tower, needs none)."""
-    if explicit:
-        return Path(explicit)
-    exported = Path(checkpoint) / TOKENIZER_NAME
-    if exported.is_file():
-        return exported
-    if dataset:
-        try:
-            path = tokenizer_path([dataset])
-        except ValueError:  # not a directory (e.g. the dataset has moved): nothing to look in
-            return None
-        if path.is_file():
-            return path
-    return None
-
-
 def _load_model(checkpoint: str, tokenizer: Path | None, words: WordListConfig):
     from eval.embed import load_model
 
@@ -123,7 +122,7 @@ def _load_model(checkpoint: str, tokenizer: Path | None, words: WordListConfig):
 def run_embed(args: argparse.Namespace) -> int:
     import torch
 
-    from eval.embed import embed_dataset
+    from eval.embed import embed_dataset, find_tokenizer
     from pipeline.distributed import init_distributed, launch_env, resolve_device
 
     cfg = eval_config(EmbedConfig, args.overrides)
@@ -270,8 +269,29 @@ def run_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_benchmark(args: argparse.Namespace) -> int:
+    from eval.benchmark import format_benchmark, run_benchmark
+    from pipeline.config import apply_overrides
+    from pipeline.distributed import resolve_device
+
+    result = run_benchmark(
+        args.name,
+        args.root,
+        args.checkpoint,
+        args.out,
+        tokenizer=args.tokenizer,
+        dict_path=args.dict,
+        overrides=apply_overrides({}, list(args.overrides)),
+        workers=args.workers,
+        device=resolve_device(args.device),
+    )
+    print(format_benchmark(result))
+    print(f"-> {Path(args.out) / (args.name + '.json')}")
+    return 0
+
+
 def run_zeroshot(args: argparse.Namespace) -> int:
-    from eval.embed import read_embeddings
+    from eval.embed import find_tokenizer, read_embeddings
     from eval.probe import row_array
     from eval.zeroshot import class_embeddings, class_prompts, zero_shot_accuracy
 
@@ -294,7 +314,7 @@ def run_zeroshot(args: argparse.Namespace) -> int:
 
 
 def run_search(args: argparse.Namespace) -> int:
-    from eval.embed import read_embeddings
+    from eval.embed import find_tokenizer, read_embeddings
     from eval.search import format_hits, search, text_query, video_query
 
     cfg = eval_config(SearchConfig, args.overrides)

@@ -126,3 +126,18 @@ def test_default_array_and_clear_errors_for_arrays_that_are_not_one_row_per_vide
         row_array(emb, "text@vt")
     with pytest.raises(ValueError, match="no video or audio array"):
         row_array(emb, "auto")
+
+
+def test_linear_svm_matches_scikit_learns_linearsvc():
+    """The HMDB protocol's classifier (LinearSVC, C=100) against scikit-learn on overlapping classes."""
+    from sklearn.svm import LinearSVC
+
+    from eval.probe import linear_svm_scores
+
+    x, y = blobs(n_per=30, k=4, d=8, noise=0.9, seed=3)
+    x = 5.0 * x + 1.0  # raw features, not unit length, with an offset the intercept must absorb
+    tr, te = split_train_test(np.arange(len(y)), 0.3, seed=0)
+    ours = linear_svm_scores(x[tr], y[tr], x[te], C=100.0)
+    ref = LinearSVC(C=100.0, max_iter=200000, tol=1e-8).fit(x[tr], y[tr])
+    assert np.mean(ours.argmax(1) == ref.decision_function(x[te]).argmax(1)) >= 0.95
+    np.testing.assert_allclose(ours, ref.decision_function(x[te]), rtol=0.05, atol=0.05)

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from eval.config import ClusterConfig, EmbedConfig, ReportConfig, RetrievalConfig, SearchConfig, eval_config
+from eval.embed import find_tokenizer
 from launch.cli import main
-from launch.cmd_eval import find_tokenizer
 from pipeline.config import to_dict
 
 CONFIGS = {

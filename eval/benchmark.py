@@ -1,0 +1,208 @@
+"""Standard benchmarks in one command: `vatp eval benchmark NAME --root DIR --checkpoint PATH`.
+
+`DIR` holds the benchmark as its authors distribute it (videos and their own annotation files); the run builds
+the shards it needs (cached and resumable, through the `data_prep` adapters), embeds them with the protocol of
+the paper's own evaluation code, scores, and prints each metric beside the paper's number. Every stage is
+reused on a re-run. The protocols and where each choice comes from: docs/evaluation.md, "Benchmarks".
+
+    msrvtt   MSR-VTT 1k-A (JSFusion's 1000 test pairs): zero-shot text->video R@1/5/10, MedR
+    ucf101   UCF101 split 1: linear SVM (C = 100) on backbone features, kNN, zero-shot from class names
+    hmdb51   HMDB51 split 1: the same
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """One benchmark: where its files are under `--root`, how to build and embed it, and the paper's numbers."""
+
+    kind: Literal["retrieval", "classification"]
+    fmt: str  # the data_prep adapter reading its annotation
+    annotation: str  # under --root, as distributed
+    videos: str  # the video folder under --root
+    source: str  # the evaluation code the protocol follows
+    build: dict = field(default_factory=dict)  # data_prep.build.build_dataset options
+    clip: dict = field(default_factory=dict)  # eval-view overrides (num_frames, fps, size); empty: the model's
+    windows: int = 10  # clips per video, evenly spaced over it
+    max_words: int = 30  # words per caption for the released S3D's word-list text tower
+    paper: dict[str, float] = field(default_factory=dict)  # the published numbers, by our metric names
+
+
+MILNCE = "MIL-NCE_HowTo100M eval_msrvtt.py / eval_hmdb.py (released S3D-G; README numbers)"
+PROTOCOLS = {
+    "msrvtt": Protocol(
+        "retrieval",
+        "msrvtt_1ka",
+        "MSRVTT_JSFUSION_test.csv",
+        "videos",
+        MILNCE,
+        build=dict(fps=10.0, short_side=256, max_seconds=60.0),
+        clip=dict(num_frames=16, fps=5.0),
+        paper={"t2v_R@1": 9.9, "t2v_R@5": 24.0, "t2v_R@10": 32.4, "t2v_MedR": 29.5},
+    ),
+    "ucf101": Protocol(
+        "classification",
+        "ucf101",
+        "ucfTrainTestlist",
+        "UCF-101",
+        "MIL-NCE eval_hmdb.py's linear SVM protocol (the paper reports UCF101 with it; the repository has no UCF code)",
+        build=dict(fps=25.0, short_side=256, max_seconds=60.0),
+        clip=dict(num_frames=16, fps=25.0),
+        paper={"svm_top1": 82.7},
+    ),
+    "hmdb51": Protocol(
+        "classification",
+        "hmdb51",
+        "testTrainMulti_7030_splits",
+        "hmdb51",
+        MILNCE,
+        build=dict(fps=30.0, short_side=256, max_seconds=60.0),
+        clip=dict(num_frames=16, fps=30.0),
+        paper={"svm_top1": 53.1},
+    ),
+}
+
+
+def run_benchmark(
+    name: str,
+    root: str | Path,
+    checkpoint: str | Path,
+    out: str | Path,
+    *,
+    tokenizer: str | Path | None = None,
+    dict_path: str | Path | None = None,
+    overrides: dict | None = None,
+    workers: int = 2,
+    device: str = "cpu",
+) -> dict:
+    """Build, embed and score benchmark `name`; returns (and writes to `<out>/<name>.json`) its metrics.
+
+    `overrides` replaces protocol fields (`windows`, `max_words`) and clip settings (`num_frames`, `fps`,
+    `size`; None: the model's own), e.g. for a quick run.
+    """
+    from data_prep.build import build_dataset
+    from eval.embed import embed_dataset, find_tokenizer, load_model, read_embeddings
+    from pipeline.dataset import DATASET_JSON
+
+    if name not in PROTOCOLS:
+        raise ValueError(f"unknown benchmark {name!r} (known: {', '.join(PROTOCOLS)})")
+    p = _apply(PROTOCOLS[name], overrides or {})
+    root, out = Path(root), Path(out)
+    if not (root / p.annotation).exists():
+        raise ValueError(f"{root / p.annotation} not found: {name} expects its files as distributed under --root")
+    splits = ("test",) if p.kind == "retrieval" else ("train", "test")
+    work = out / name
+    for split in splits:  # cached: a finished build is reused, an interrupted one resumes
+        data = work / f"data_{split}"
+        if not (data / DATASET_JSON).is_file():
+            build_dataset(
+                root / p.annotation,
+                data,
+                fmt=p.fmt,
+                videos_root=root / p.videos,
+                split=split,
+                workers=workers,
+                **p.build,
+            )
+    tok = find_tokenizer(str(tokenizer) if tokenizer else None, str(checkpoint), None)
+    model = load_model(checkpoint, tokenizer=tok, dict_path=dict_path, max_words=p.max_words)
+    emb = {}
+    for split in splits:
+        embed_dataset(
+            model,
+            work / f"data_{split}",
+            work / f"emb_{split}",
+            windows=p.windows,
+            num_workers=workers,
+            device=device,
+            data_overrides=p.clip,
+            feature_windows=p.kind == "classification",
+        )
+        emb[split] = read_embeddings(work / f"emb_{split}")
+    metrics = score_retrieval(emb["test"]) if p.kind == "retrieval" else score_classes(emb["train"], emb["test"], model)
+    result = {
+        "benchmark": name,
+        "metrics": metrics,
+        "paper": p.paper,
+        "protocol": {"source": p.source, "windows": p.windows, "clip": p.clip, "build": p.build},
+        "checkpoint": str(checkpoint),
+    }
+    (out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    return result
+
+
+def score_retrieval(emb, space: str = "vt") -> dict[str, float]:
+    """Zero-shot text->video R@1/5/10 and MedR in `space` (each caption's own video is the answer)."""
+    from eval.retrieval import retrieval_metrics
+
+    m = retrieval_metrics(emb.get(f"text@{space}") @ emb.get(f"video@{space}").T, [[int(v)] for v in emb.caption_video])
+    return {f"t2v_R@{k}": m[f"R@{k}"] for k in (1, 5, 10)} | {"t2v_MedR": m["MedR"], "queries": len(emb.caption_video)}
+
+
+def score_classes(train, test, model, space: str = "vt") -> dict[str, float]:
+    """MIL-NCE's linear SVM (C = 100) fitted on every window's raw backbone features of the training split (the
+    video's label on each), a test video's decision values summed over its windows; kNN on the unit window-mean
+    features; zero-shot from the class names when the model has a text tower with `space`."""
+    from eval.probe import knn_classifier, linear_svm_scores, row_array
+    from eval.zeroshot import DEFAULT_TEMPLATES, class_embeddings, class_prompts, zero_shot_accuracy
+
+    names = sorted(set(train.labels()[1]) | set(test.labels()[1]))
+    y_train, y_test = train.labels(names)[0], test.labels(names)[0]
+    keep_tr, keep_te = y_train >= 0, y_test >= 0
+    y_train, y_test = y_train[keep_tr], y_test[keep_te]
+    win_train, win_test = train.get("video_feat.windows")[keep_tr], test.get("video_feat.windows")[keep_te]  # (N, W, F)
+    w = win_train.shape[1]
+    scores = linear_svm_scores(
+        win_train.reshape(-1, win_train.shape[-1]),
+        np.repeat(y_train, w),
+        win_test.reshape(-1, win_test.shape[-1]),
+        C=100.0,
+    )
+    scores = scores.reshape(len(y_test), win_test.shape[1], -1).sum(1)  # (N_test, classes)
+    out = {"svm_top1": float(100.0 * np.mean(scores.argmax(1) == y_test))}
+    unit_train, unit_test = row_array(train, "video_feat")[keep_tr], row_array(test, "video_feat")[keep_te]
+    out["knn_top1"] = knn_classifier(unit_train, y_train, unit_test, y_test, k=20)
+    if f"video@{space}" in test.arrays and model.tokenize is not None:
+        classes = class_embeddings(model, class_prompts(names, DEFAULT_TEMPLATES), space=space)
+        video = row_array(test, f"video@{space}")[keep_te]
+        zs = zero_shot_accuracy(video @ classes.T, y_test)
+        out.update({f"zeroshot_{k}": v for k, v in zs.items()})
+    out.update(classes=len(names), train=int(len(y_train)), test=int(len(y_test)))
+    return out
+
+
+def format_benchmark(result: dict) -> str:
+    """One table: each metric, ours beside the paper's number where it has one."""
+    lines = [f"== {result['benchmark']} ==", f"{'metric':<16}{'ours':>10}{'paper':>10}"]
+    for key, value in result["metrics"].items():
+        paper = result["paper"].get(key)
+        shown = f"{value:.1f}" if isinstance(value, float) else str(value)
+        lines.append(f"{key:<16}{shown:>10}{'' if paper is None else f'{paper:.1f}':>10}")
+    lines.append(f"protocol: {result['protocol']['source']}")
+    return "\n".join(lines)
+
+
+def _apply(p: Protocol, overrides: dict) -> Protocol:
+    clip = dict(p.clip)
+    fields = {}
+    for key, value in overrides.items():
+        if key in ("num_frames", "fps", "size"):
+            clip[key] = value
+        elif key in ("windows", "max_words"):
+            fields[key] = value
+        else:
+            raise ValueError(f"unknown benchmark setting {key!r} (known: num_frames, fps, size, windows, max_words)")
+    clip = {k: v for k, v in clip.items() if v is not None}
+    return dataclasses.replace(p, clip=clip, **fields)
