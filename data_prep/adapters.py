@@ -238,6 +238,33 @@ def read_youcook2(annotation: Path, *, videos: Path, split: str | None = None) -
     return out.sources, left_out
 
 
+def read_youcook2_clips(annotation: Path, *, videos: Path, split: str | None = None) -> tuple[SourceList, int]:
+    """YouCook2 as its retrieval benchmark: one item per annotated step (`segment` [start, end] of the full video,
+    its `sentence` the one caption over the whole clip), id `<vid>_<annotation id>`, label = recipe_type. The
+    3350 validation clips of MIL-NCE's `validation_youcook.csv` are the `val` split of this reading."""
+    data = _load_json(annotation, dict)
+    if not isinstance(data.get("database"), dict):
+        raise ValueError(f"{annotation}: not a YouCook2 file (expected a 'database' mapping)")
+    out, wanted, left_out = _Collector(videos), normalize_split(split), 0
+    for vid, entry in data["database"].items():
+        row_split = normalize_split(entry.get("subset")) if isinstance(entry, dict) else None
+        if wanted is not None and row_split != wanted:
+            left_out += 1
+            continue
+        for ann in entry.get("annotations") or [] if isinstance(entry, dict) else []:
+            segment = ann.get("segment") if isinstance(ann, dict) else None
+            if not (isinstance(segment, list) and len(segment) == 2 and isinstance(ann.get("sentence"), str)):
+                out.fail(f"{vid}_{ann.get('id') if isinstance(ann, dict) else '?'}", "bad_row", "no segment/sentence")
+                continue
+            start, end = float(segment[0]), float(segment[1])
+            captions = captions_from_json([{"text": ann["sentence"]}]).captions
+            label = None if entry.get("recipe_type") is None else str(entry["recipe_type"])
+            out.add(
+                f"{vid}_{ann.get('id')}", [vid], bounds=(start, end), captions=captions, label=label, split=row_split
+            )
+    return out.sources, left_out
+
+
 def read_ucf101(annotation: Path, *, videos: Path, split: str | None = None) -> tuple[SourceList, int]:
     """UCF101's `ucfTrainTestlist/`: `classInd.txt` ("1 ApplyEyeMakeup"), `trainlist0N.txt`
     ("ApplyEyeMakeup/v_ApplyEyeMakeup_g08_c01.avi 1") and `testlist0N.txt` (the path only).
@@ -318,6 +345,7 @@ ADAPTERS: dict[str, Callable[..., tuple[SourceList, int]]] = {
     "msrvtt": read_msrvtt,
     "msrvtt_1ka": read_msrvtt_1ka,
     "youcook2": read_youcook2,
+    "youcook2_clips": read_youcook2_clips,
     "ucf101": read_ucf101,
     "hmdb51": read_hmdb51,
 }

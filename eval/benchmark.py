@@ -6,8 +6,11 @@ the paper's own evaluation code, scores, and prints each metric beside the paper
 reused on a re-run. The protocols and where each choice comes from: docs/evaluation.md, "Benchmarks".
 
     msrvtt   MSR-VTT 1k-A (JSFusion's 1000 test pairs): zero-shot text->video R@1/5/10, MedR
+    youcook2 YouCook2 validation steps (MIL-NCE's 3350 clips): the same
     ucf101   UCF101 split 1: linear SVM (C = 100) on backbone features, kNN, zero-shot from class names
     hmdb51   HMDB51 split 1: the same
+    vggsound VGGSound test split: clustering with k = the number of classes (SeLaVi: NMI, aNMI, ARI, purity, acc)
+    kinetics400  Kinetics-400 validation: zero-shot classification from the class names (top-1 / top-5)
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ log = logging.getLogger(__name__)
 class Protocol:
     """One benchmark: where its files are under `--root`, how to build and embed it, and the paper's numbers."""
 
-    kind: Literal["retrieval", "classification"]
+    kind: Literal["retrieval", "classification", "clustering", "zeroshot"]
     fmt: str  # the data_prep adapter reading its annotation
     annotation: str  # under --root, as distributed
     videos: str  # the video folder under --root
@@ -37,6 +40,7 @@ class Protocol:
     clip: dict = field(default_factory=dict)  # eval-view overrides (num_frames, fps, size); empty: the model's
     windows: int = 10  # clips per video, evenly spaced over it
     max_words: int = 30  # words per caption for the released S3D's word-list text tower
+    test_split: str = "test"  # the split scored (retrieval: the only one built)
     paper: dict[str, float] = field(default_factory=dict)  # the published numbers, by our metric names
 
 
@@ -51,6 +55,17 @@ PROTOCOLS = {
         build=dict(fps=10.0, short_side=256, max_seconds=60.0),
         clip=dict(num_frames=16, fps=5.0),
         paper={"t2v_R@1": 9.9, "t2v_R@5": 24.0, "t2v_R@10": 32.4, "t2v_MedR": 29.5},
+    ),
+    "youcook2": Protocol(
+        "retrieval",
+        "youcook2_clips",
+        "youcookii_annotations_trainval.json",
+        ".",
+        "MIL-NCE_HowTo100M eval_youcook.py (validation_youcook.csv: the validation steps; released S3D-G)",
+        build=dict(fps=10.0, short_side=256, max_seconds=600.0),  # one sample per step, however long
+        clip=dict(num_frames=16, fps=5.0),
+        paper={"t2v_R@1": 15.1, "t2v_R@5": 38.0, "t2v_R@10": 51.2, "t2v_MedR": 10.0},
+        test_split="val",
     ),
     "ucf101": Protocol(
         "classification",
@@ -73,6 +88,29 @@ PROTOCOLS = {
         paper={"svm_top1": 53.1},
     ),
 }
+
+
+PROTOCOLS["vggsound"] = Protocol(
+    "clustering",
+    "vggsound",
+    "vggsound.csv",
+    ".",
+    "SeLaVi get_clusters.py / clustering_metrics.py: the heads' argmax of softmax(video) x softmax(audio), the head "
+    "that best matches the labels (k-means with k = the classes for a model without heads); metrics in percent",
+    build=dict(fps=30.0, short_side=128, max_seconds=10.0),
+    clip=dict(num_frames=30, fps=30.0),
+    windows=1,  # one clip per video (the first; SeLaVi takes the middle one)
+    paper={"NMI": 55.9, "aNMI": 52.0, "ARI": 20.6, "purity": 36.2, "acc": 31.0},
+)
+PROTOCOLS["kinetics400"] = Protocol(
+    "zeroshot",
+    "kinetics",
+    "kinetics400/validate.csv",
+    ".",
+    "zero-shot classification from class-name prompts (no paper of this family reports it; CLIP-style ensembling)",
+    build=dict(fps=10.0, short_side=256, max_seconds=10.0),
+    test_split="val",
+)
 
 
 def run_benchmark(
@@ -102,7 +140,7 @@ def run_benchmark(
     root, out = Path(root), Path(out)
     if not (root / p.annotation).exists():
         raise ValueError(f"{root / p.annotation} not found: {name} expects its files as distributed under --root")
-    splits = ("test",) if p.kind == "retrieval" else ("train", "test")
+    splits = ("train", p.test_split) if p.kind == "classification" else (p.test_split,)
     work = out / name
     for split in splits:  # cached: a finished build is reused, an interrupted one resumes
         data = work / f"data_{split}"
@@ -131,7 +169,15 @@ def run_benchmark(
             feature_windows=p.kind == "classification",
         )
         emb[split] = read_embeddings(work / f"emb_{split}")
-    metrics = score_retrieval(emb["test"]) if p.kind == "retrieval" else score_classes(emb["train"], emb["test"], model)
+    test = emb[p.test_split]
+    if p.kind == "retrieval":
+        metrics = score_retrieval(test)
+    elif p.kind == "classification":
+        metrics = score_classes(emb["train"], test, model)
+    elif p.kind == "clustering":
+        metrics = score_clusters(test)
+    else:
+        metrics = score_zero_shot(test, model)
     result = {
         "benchmark": name,
         "metrics": metrics,
@@ -180,6 +226,38 @@ def score_classes(train, test, model, space: str = "vt") -> dict[str, float]:
         zs = zero_shot_accuracy(video @ classes.T, y_test)
         out.update({f"zeroshot_{k}": v for k, v in zs.items()})
     out.update(classes=len(names), train=int(len(y_train)), test=int(len(y_test)))
+    return out
+
+
+def score_clusters(emb) -> dict[str, float]:
+    """SeLaVi's clustering protocol, in percent: the self-label heads when the model has them, else k-means with
+    k = the number of classes on the default array (a space, else the backbone features)."""
+    from eval.clustering import cluster_embeddings
+
+    labels, names = emb.labels()
+    if "video_logits" in emb.arrays or "audio_logits" in emb.arrays:
+        summary, _ = cluster_embeddings(emb, method="heads", shots=())
+    else:
+        summary, _ = cluster_embeddings(emb, method="kmeans", k=len(names), shots=(), nredo=3)
+    m = summary["metrics"]
+    out = {"NMI": 100 * m["nmi"], "aNMI": 100 * m["anmi"], "ARI": 100 * m["ari"]}
+    out.update(purity=100 * m["purity_avg"], acc=m["acc"], classes=len(names), videos=int((labels >= 0).sum()))
+    out["method"] = summary["method"]
+    return out
+
+
+def score_zero_shot(emb, model, space: str = "vt") -> dict[str, float]:
+    """Top-1 / top-5 zero-shot accuracy from the class names (`eval.zeroshot`, default prompts)."""
+    from eval.probe import row_array
+    from eval.zeroshot import DEFAULT_TEMPLATES, class_embeddings, class_prompts, zero_shot_accuracy
+
+    if model.tokenize is None:
+        raise ValueError("zero-shot classification needs a model with a text tower and its tokenizer")
+    labels, names = emb.labels()
+    keep = labels >= 0
+    classes = class_embeddings(model, class_prompts(names, DEFAULT_TEMPLATES), space=space)
+    out = zero_shot_accuracy(row_array(emb, f"video@{space}")[keep] @ classes.T, labels[keep])
+    out.update(classes=len(names), videos=int(keep.sum()))
     return out
 
 

@@ -73,7 +73,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "(docs/evaluation.md, Benchmarks). --set windows=N, num_frames=N, fps=F, size=S (null: the model's), "
         "max_words=N change the protocol.",
     )
-    p.add_argument("name", choices=("msrvtt", "ucf101", "hmdb51"), help="the benchmark")
+    p.add_argument(
+        "name", choices=("msrvtt", "youcook2", "ucf101", "hmdb51", "vggsound", "kinetics400"), help="the benchmark"
+    )
     p.add_argument("--root", required=True, help="the benchmark's folder as distributed (videos + annotation files)")
     p.add_argument("--checkpoint", required=True, help="export dir or s3d_howto100m.pth")
     p.add_argument("--out", default="benchmarks", help="shards, embeddings and <NAME>.json (default ./benchmarks)")

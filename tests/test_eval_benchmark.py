@@ -84,3 +84,59 @@ def test_msrvtt_1k_a_from_the_jsfusion_list(model, tmp_path, capsys):
     assert "9.9" in capsys.readouterr().out  # the paper's R@1 beside ours
     assert main(["eval", "benchmark", "msrvtt", "--root", str(tmp_path / "none"), "--checkpoint", str(export)]) == 2
     assert "MSRVTT_JSFUSION_test.csv not found" in capsys.readouterr().err
+
+
+def test_youcook2_scores_each_validation_step_as_a_clip(model, tmp_path):
+    export, tokenizer = model
+    root = tmp_path / "YouCook2"
+    database = {}
+    for vid, subset, colour in [("GLd3aX16zBg", "validation", "0.8"), ("xHr8X2Wpmno", "validation", "-0.8"),
+                                ("trainVid001", "training", "0")]:  # fmt: skip
+        _video(root / "raw_videos" / subset / "113" / f"{vid}.mp4", colour, seconds=4.0)
+        steps = [{"id": 0, "segment": [0, 2], "sentence": f"{vid} first step"},
+                 {"id": 1, "segment": [2, 4], "sentence": f"{vid} second step"}]  # fmt: skip
+        database[vid] = {"subset": subset, "recipe_type": "113", "duration": 4.0, "annotations": steps}
+    (root / "youcookii_annotations_trainval.json").write_text(json.dumps({"database": database}))
+    out = tmp_path / "bench"
+    argv = ["eval", "benchmark", "youcook2", "--root", str(root), "--checkpoint", str(export), "--out", str(out)]
+    assert main([*argv, "--tokenizer", str(tokenizer), *QUICK]) == 0
+    m = json.loads((out / "youcook2.json").read_text())["metrics"]
+    assert m["queries"] == 4  # the four validation steps, not the training video's
+    meta = [json.loads(line) for line in (out / "youcook2" / "emb_val" / "meta.jsonl").read_text().splitlines()]
+    assert sorted(r["id"] for r in meta) == ["GLd3aX16zBg_0", "GLd3aX16zBg_1", "xHr8X2Wpmno_0", "xHr8X2Wpmno_1"]
+    assert all(abs(r["duration"] - 2.0) < 0.2 for r in meta)  # each clip is its step's segment
+
+
+def test_vggsound_clusters_the_test_split_with_k_the_number_of_classes(model, tmp_path, capsys):
+    export, tokenizer = model
+    root = tmp_path / "VGGSound"
+    rows = []
+    for i, (label, colour) in enumerate([("dog barking", "0.8")] * 3 + [("playing piano", "-0.8")] * 3):
+        ytid = f"yt{i:09d}"
+        _video(root / "video" / f"{ytid}_000030.mp4", colour, seconds=2.0)
+        rows.append(f"{ytid},30,{label},{'test' if i % 3 else 'train'}")
+    (root / "vggsound.csv").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "bench"
+    argv = ["eval", "benchmark", "vggsound", "--root", str(root), "--checkpoint", str(export), "--out", str(out)]
+    assert main([*argv, "--tokenizer", str(tokenizer), *QUICK, "--set", "windows=1"]) == 0
+    m = json.loads((out / "vggsound.json").read_text())["metrics"]
+    assert (m["classes"], m["videos"], m["method"]) == (2, 4, "kmeans")  # the 4 test clips, k = 2 classes
+    assert 0 <= m["NMI"] <= 100 and 50 <= m["acc"] <= 100  # Hungarian accuracy of 2 clusters is at least half
+    assert "55.9" in capsys.readouterr().out
+
+
+def test_kinetics400_zero_shot_from_its_validation_csv(model, tmp_path):
+    export, tokenizer = model
+    root = tmp_path / "K400"
+    rows = ["label,youtube_id,time_start,time_end,split"]
+    for i, (label, colour) in enumerate([("playing guitar", "0.8"), ("riding a bike", "-0.8"), ("yoga", "0")]):
+        ytid = f"k4{i:09d}"
+        _video(root / "val" / f"{ytid}_000000_000002.mp4", colour, seconds=2.0)
+        rows.append(f"{label},{ytid},0,2,validate")
+    (root / "kinetics400").mkdir(parents=True)
+    (root / "kinetics400" / "validate.csv").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "bench"
+    argv = ["eval", "benchmark", "kinetics400", "--root", str(root), "--checkpoint", str(export), "--out", str(out)]
+    assert main([*argv, "--tokenizer", str(tokenizer), *QUICK]) == 0
+    m = json.loads((out / "kinetics400.json").read_text())["metrics"]
+    assert (m["classes"], m["videos"]) == (3, 3) and 0 <= m["top1"] <= 100 and "top5" not in m  # 3 classes: no top-5
