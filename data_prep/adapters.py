@@ -265,6 +265,26 @@ def read_youcook2_clips(annotation: Path, *, videos: Path, split: str | None = N
     return out.sources, left_out
 
 
+def read_ave(annotation: Path, *, videos: Path, split: str | None = None) -> tuple[SourceList, int]:
+    """AVE's `Annotations.txt` or one of its split files (`trainSet.txt`, `valSet.txt`, `testSet.txt`), lines
+    `Category&VideoID&Quality&StartTime&EndTime` (a header line starting `Category&` is skipped): one item per
+    video (the whole 10 s; the event bounds are not used), label = Category, split = the file's."""
+    file_split = {"trainset": "train", "valset": "val", "testset": "test"}.get(Path(annotation).stem.lower())
+    out, wanted, left_out = _Collector(videos), normalize_split(split), 0
+    for number, line in enumerate(_lines(Path(annotation)), 1):
+        fields = [f.strip() for f in line.split("&")]
+        if number == 1 and fields[0].lower() == "category":
+            continue
+        if len(fields) != 5 or not fields[1]:
+            out.fail(f"{Path(annotation).name}:{number}", "bad_row", f"expected 5 '&'-separated fields: {line!r:.80}")
+            continue
+        if wanted is not None and file_split != wanted:
+            left_out += 1
+            continue
+        out.add(fields[1], [fields[1]], label=fields[0], split=file_split)
+    return out.sources, left_out
+
+
 def read_ucf101(annotation: Path, *, videos: Path, split: str | None = None) -> tuple[SourceList, int]:
     """UCF101's `ucfTrainTestlist/`: `classInd.txt` ("1 ApplyEyeMakeup"), `trainlist0N.txt`
     ("ApplyEyeMakeup/v_ApplyEyeMakeup_g08_c01.avi 1") and `testlist0N.txt` (the path only).
@@ -346,6 +366,7 @@ ADAPTERS: dict[str, Callable[..., tuple[SourceList, int]]] = {
     "msrvtt_1ka": read_msrvtt_1ka,
     "youcook2": read_youcook2,
     "youcook2_clips": read_youcook2_clips,
+    "ave": read_ave,
     "ucf101": read_ucf101,
     "hmdb51": read_hmdb51,
 }

@@ -10,6 +10,7 @@ reused on a re-run. The protocols and where each choice comes from: docs/evaluat
     ucf101   UCF101 split 1: linear SVM (C = 100) on backbone features, kNN, zero-shot from class names
     hmdb51   HMDB51 split 1: the same
     vggsound VGGSound test split: clustering with k = the number of classes (SeLaVi: NMI, aNMI, ARI, purity, acc)
+    ave      AVE test split: the same
     kinetics400  Kinetics-400 validation: zero-shot classification from the class names (top-1 / top-5)
 """
 
@@ -102,6 +103,13 @@ PROTOCOLS["vggsound"] = Protocol(
     windows=1,  # one clip per video (the first; SeLaVi takes the middle one)
     paper={"NMI": 55.9, "aNMI": 52.0, "ARI": 20.6, "purity": 36.2, "acc": 31.0},
 )
+PROTOCOLS["ave"] = dataclasses.replace(
+    PROTOCOLS["vggsound"],
+    fmt="ave",
+    annotation="testSet.txt",
+    videos="AVE",
+    paper={"NMI": 66.2, "acc": 57.9},
+)
 PROTOCOLS["kinetics400"] = Protocol(
     "zeroshot",
     "kinetics",
@@ -130,63 +138,72 @@ def run_benchmark(
     `overrides` replaces protocol fields (`windows`, `max_words`) and clip settings (`num_frames`, `fps`,
     `size`; None: the model's own), e.g. for a quick run.
     """
-    from data_prep.build import build_dataset
-    from eval.embed import embed_dataset, find_tokenizer, load_model, read_embeddings
-    from pipeline.dataset import DATASET_JSON
+    from eval.embed import find_tokenizer, load_model
 
     if name not in PROTOCOLS:
         raise ValueError(f"unknown benchmark {name!r} (known: {', '.join(PROTOCOLS)})")
     p = _apply(PROTOCOLS[name], overrides or {})
+    folds = (overrides or {}).get("folds", 1)
+    if folds not in (1, 3) or (folds == 3 and p.kind != "classification"):
+        raise ValueError(f"folds={folds!r}: 1, or 3 for the classification benchmarks (the mean of splits 1-3)")
     root, out = Path(root), Path(out)
     if not (root / p.annotation).exists():
         raise ValueError(f"{root / p.annotation} not found: {name} expects its files as distributed under --root")
-    splits = ("train", p.test_split) if p.kind == "classification" else (p.test_split,)
-    work = out / name
-    for split in splits:  # cached: a finished build is reused, an interrupted one resumes
-        data = work / f"data_{split}"
-        if not (data / DATASET_JSON).is_file():
-            build_dataset(
-                root / p.annotation,
-                data,
-                fmt=p.fmt,
-                videos_root=root / p.videos,
-                split=split,
-                workers=workers,
-                **p.build,
-            )
     tok = find_tokenizer(str(tokenizer) if tokenizer else None, str(checkpoint), None)
     model = load_model(checkpoint, tokenizer=tok, dict_path=dict_path, max_words=p.max_words)
-    emb = {}
-    for split in splits:
-        embed_dataset(
-            model,
-            work / f"data_{split}",
-            work / f"emb_{split}",
-            windows=p.windows,
-            num_workers=workers,
-            device=device,
-            data_overrides=p.clip,
-            feature_windows=p.kind == "classification",
-        )
-        emb[split] = read_embeddings(work / f"emb_{split}")
-    test = emb[p.test_split]
-    if p.kind == "retrieval":
-        metrics = score_retrieval(test)
-    elif p.kind == "classification":
-        metrics = score_classes(emb["train"], test, model)
-    elif p.kind == "clustering":
-        metrics = score_clusters(test)
-    else:
-        metrics = score_zero_shot(test, model)
+    per_fold = []
+    for fold in range(1, folds + 1):
+        tag = "" if fold == 1 else f"_split{fold}"
+        annotation = _fold_annotation(root / p.annotation, p.fmt, fold)
+        emb = _build_and_embed(p, annotation, root / p.videos, out / name, tag, model, workers=workers, device=device)
+        test = emb[p.test_split]
+        if p.kind == "retrieval":
+            per_fold.append(score_retrieval(test))
+        elif p.kind == "classification":
+            per_fold.append(score_classes(emb["train"], test, model))
+        elif p.kind == "clustering":
+            per_fold.append(score_clusters(test))
+        else:
+            per_fold.append(score_zero_shot(test, model))
+    metrics = per_fold[0] if folds == 1 else _mean_of_folds(per_fold)
     result = {
         "benchmark": name,
         "metrics": metrics,
+        **({"splits": per_fold} if folds > 1 else {}),
         "paper": p.paper,
         "protocol": {"source": p.source, "windows": p.windows, "clip": p.clip, "build": p.build},
         "checkpoint": str(checkpoint),
     }
     (out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
     return result
+
+
+def _build_and_embed(
+    p: Protocol, annotation: Path, videos: Path, work: Path, tag: str, model, *, workers: int, device: str
+) -> dict:
+    """The splits' shards (cached: a finished build is reused, an interrupted one resumes) and embeddings."""
+    from data_prep.build import build_dataset
+    from eval.embed import embed_dataset, read_embeddings
+    from pipeline.dataset import DATASET_JSON
+
+    splits = ("train", p.test_split) if p.kind == "classification" else (p.test_split,)
+    emb = {}
+    for split in splits:
+        data = work / f"data_{split}{tag}"
+        if not (data / DATASET_JSON).is_file():
+            build_dataset(annotation, data, fmt=p.fmt, videos_root=videos, split=split, workers=workers, **p.build)
+        embed_dataset(
+            model,
+            data,
+            work / f"emb_{split}{tag}",
+            windows=p.windows,
+            num_workers=workers,
+            device=device,
+            data_overrides=p.clip,
+            feature_windows=p.kind == "classification",
+        )
+        emb[split] = read_embeddings(work / f"emb_{split}{tag}")
+    return emb
 
 
 def score_retrieval(emb, space: str = "vt") -> dict[str, float]:
@@ -272,6 +289,24 @@ def format_benchmark(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _fold_annotation(annotation: Path, fmt: str, fold: int) -> Path:
+    """The annotation that selects split `fold` (1-3) for the UCF101 / HMDB51 adapters: a list file of that split."""
+    if fold == 1:
+        return annotation
+    if fmt == "ucf101":
+        return annotation / f"trainlist0{fold}.txt"
+    found = sorted(annotation.glob(f"*_test_split{fold}.txt"))
+    if not found:
+        raise ValueError(f"{annotation}: no *_test_split{fold}.txt files")
+    return found[0]
+
+
+def _mean_of_folds(per_fold: list[dict]) -> dict:
+    """The mean of every accuracy over the splits (counts of the first split kept as they are)."""
+    mean = {k: float(np.mean([m[k] for m in per_fold])) for k, v in per_fold[0].items() if isinstance(v, float)}
+    return mean | {k: v for k, v in per_fold[0].items() if not isinstance(v, float)} | {"folds": len(per_fold)}
+
+
 def _apply(p: Protocol, overrides: dict) -> Protocol:
     clip = dict(p.clip)
     fields = {}
@@ -280,7 +315,11 @@ def _apply(p: Protocol, overrides: dict) -> Protocol:
             clip[key] = value
         elif key in ("windows", "max_words"):
             fields[key] = value
+        elif key == "folds":
+            continue  # read by run_benchmark
         else:
-            raise ValueError(f"unknown benchmark setting {key!r} (known: num_frames, fps, size, windows, max_words)")
+            raise ValueError(
+                f"unknown benchmark setting {key!r} (known: num_frames, fps, size, windows, max_words, folds)"
+            )
     clip = {k: v for k, v in clip.items() if v is not None}
     return dataclasses.replace(p, clip=clip, **fields)

@@ -74,7 +74,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "max_words=N change the protocol.",
     )
     p.add_argument(
-        "name", choices=("msrvtt", "youcook2", "ucf101", "hmdb51", "vggsound", "kinetics400"), help="the benchmark"
+        "name",
+        choices=("msrvtt", "youcook2", "ucf101", "hmdb51", "vggsound", "ave", "kinetics400"),
+        help="the benchmark",
     )
     p.add_argument("--root", required=True, help="the benchmark's folder as distributed (videos + annotation files)")
     p.add_argument("--checkpoint", required=True, help="export dir or s3d_howto100m.pth")

@@ -210,3 +210,19 @@ def test_hmdb51_split_files_use_1_train_2_test_0_unused(tmp_path):
     (splits / "cartwheel_test_split9.txt").write_text("")
     with pytest.raises(ValueError, match="split 1-3"):
         read_sources(splits / "cartwheel_test_split9.txt", "hmdb51", videos=tmp_path / "hmdb51")
+
+
+def test_ave_split_files_give_category_labels(tmp_path):
+    header = "Category&VideoID&Quality&StartTime&EndTime\n"
+    (tmp_path / "testSet.txt").write_text(header + "Church bell&RUhOCu3LNXM&good&0&10\nBarking&-0tB7U7pKz0&bad&2&8\n")
+    (tmp_path / "trainSet.txt").write_text("Church bell&aaaaaaaaaaa&good&0&10\nbroken line\n")
+    for vid in ("RUhOCu3LNXM", "-0tB7U7pKz0", "aaaaaaaaaaa"):
+        _touch(tmp_path / "AVE" / f"{vid}.mp4")
+    test = read_sources(tmp_path / "testSet.txt", "ave", videos=tmp_path / "AVE")
+    assert {k: (v.label, v.split) for k, v in _by_id(test).items()} == {
+        "RUhOCu3LNXM": ("Church bell", "test"),
+        "-0tB7U7pKz0": ("Barking", "test"),
+    }
+    train = read_sources(tmp_path / "trainSet.txt", "ave", videos=tmp_path / "AVE")
+    assert [i.id for i in train.items] == ["aaaaaaaaaaa"] and [f.reason for f in train.failures] == ["bad_row"]
+    assert read_sources(tmp_path / "trainSet.txt", "ave", split="test", videos=tmp_path / "AVE").items == []

@@ -66,6 +66,18 @@ def test_ucf101_from_its_split_lists(model, tmp_path, capsys):
     assert (out / "ucf101" / "data_test" / "dataset.json").stat().st_mtime == built
     assert json.loads((out / "ucf101.json").read_text())["metrics"] == m
 
+    # Splits 2 and 3 (the official lists hold a different train/test partition each): the mean of the three.
+    for fold in (2, 3):
+        held_out = [r for r in train + test if r.split("/")[1].endswith(f"g0{fold}_c01.avi")]
+        (lists / f"trainlist0{fold}.txt").write_text("".join(f"{r} 1\r\n" for r in train + test if r not in held_out))
+        (lists / f"testlist0{fold}.txt").write_text("".join(f"{r}\r\n" for r in held_out))
+    assert main([*argv, "--tokenizer", str(tokenizer), *QUICK, "--set", "folds=3"]) == 0
+    three = json.loads((out / "ucf101.json").read_text())
+    assert three["metrics"]["folds"] == 3 and len(three["splits"]) == 3 and three["splits"][0] == m
+    mean = sum(f["svm_top1"] for f in three["splits"]) / 3
+    assert three["metrics"]["svm_top1"] == pytest.approx(mean)
+    assert (out / "ucf101" / "data_test_split3" / "dataset.json").is_file()
+
 
 def test_msrvtt_1k_a_from_the_jsfusion_list(model, tmp_path, capsys):
     export, tokenizer = model
