@@ -152,3 +152,82 @@ def test_kinetics400_zero_shot_from_its_validation_csv(model, tmp_path):
     assert main([*argv, "--tokenizer", str(tokenizer), *QUICK]) == 0
     m = json.loads((out / "kinetics400.json").read_text())["metrics"]
     assert (m["classes"], m["videos"]) == (3, 3) and 0 <= m["top1"] <= 100 and "top5" not in m  # 3 classes: no top-5
+
+
+def test_hmdb51_from_its_split_files(model, tmp_path):
+    export, tokenizer = model
+    root = tmp_path / "HMDB51"
+    splits = root / "testTrainMulti_7030_splits"
+    splits.mkdir(parents=True)
+    for label, colour in [("brush_hair", "0.8"), ("cartwheel", "-0.8")]:
+        lines = []
+        for i, kind in enumerate([1, 1, 1, 2, 0]):
+            name = f"{label}_clip_{i}.avi"
+            _video(root / "hmdb51" / label / name, colour)
+            lines.append(f"{name} {kind} ")
+        (splits / f"{label}_test_split1.txt").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "bench"
+    argv = ["eval", "benchmark", "hmdb51", "--root", str(root), "--checkpoint", str(export), "--out", str(out)]
+    assert main([*argv, "--tokenizer", str(tokenizer), *QUICK]) == 0
+    result = json.loads((out / "hmdb51.json").read_text())
+    assert (result["metrics"]["train"], result["metrics"]["test"]) == (6, 2)  # the "0" (unused) rows left out
+    assert result["paper"] == {"svm_top1": 53.1}
+
+
+def test_ave_clusters_its_test_split(model, tmp_path):
+    export, tokenizer = model
+    root = tmp_path / "AVE_Dataset"
+    lines = ["Category&VideoID&Quality&StartTime&EndTime"]
+    for i, (label, colour) in enumerate([("Church bell", "0.8")] * 2 + [("Barking", "-0.8")] * 2):
+        _video(root / "AVE" / f"ave{i:08d}.mp4", colour)
+        lines.append(f"{label}&ave{i:08d}&good&0&1")
+    (root / "testSet.txt").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "bench"
+    argv = ["eval", "benchmark", "ave", "--root", str(root), "--checkpoint", str(export), "--out", str(out)]
+    assert main([*argv, "--tokenizer", str(tokenizer), *QUICK, "--set", "windows=1"]) == 0
+    result = json.loads((out / "ave.json").read_text())
+    assert (result["metrics"]["classes"], result["metrics"]["videos"]) == (2, 4) and result["paper"]["NMI"] == 66.2
+
+
+def test_the_released_checkpoint_format_goes_through_msrvtt_and_youcook2_with_the_official_protocol(tmp_path):
+    """A width-1/8 stand-in for s3d_howto100m.pth (the release's key layout) with a word2vec word list, at the
+    protocols as MIL-NCE's evaluators run them: 10 windows of 16 frames at 5 fps, 224 px, dot product."""
+    import torch
+
+    from models.s3d import S3D, Word2VecText
+
+    torch.manual_seed(0)
+    words = np.array(["a", "red", "square", "moves", "blue", "circle", "spins", "first", "second", "step"])
+    video, text = S3D(space_to_depth=True, width=0.125, embed_dim=512), Word2VecText(words)
+    state = {**video.state_dict(), **{f"text_module.{k}": v for k, v in text.state_dict().items()}}
+    torch.save(state, tmp_path / "s3d_howto100m.pth")
+    np.save(tmp_path / "s3d_dict.npy", words)
+    release = ["--checkpoint", str(tmp_path / "s3d_howto100m.pth"), "--dict", str(tmp_path / "s3d_dict.npy")]
+
+    msrvtt = tmp_path / "MSRVTT"
+    rows = ["key,vid_key,video_id,sentence"]
+    for i, (colour, sentence) in enumerate([("0.8", "a red square moves"), ("-0.8", "a blue circle spins")]):
+        _video(msrvtt / "videos" / f"video{9000 + i}.mp4", colour, seconds=3.0)
+        rows.append(f"ret{i},msr{9000 + i},video{9000 + i},{sentence}")
+    (msrvtt / "MSRVTT_JSFUSION_test.csv").write_text("\n".join(rows) + "\n")
+    youcook = tmp_path / "YouCook2"
+    steps = [
+        {"id": 0, "segment": [0, 2], "sentence": "first step"},
+        {"id": 1, "segment": [2, 4], "sentence": "second step"},
+    ]
+    _video(youcook / "raw_videos" / "validation" / "101" / "ycVid000001.mp4", "0.5", seconds=4.0)
+    database = {"ycVid000001": {"subset": "validation", "recipe_type": "101", "annotations": steps}}
+    (youcook / "youcookii_annotations_trainval.json").write_text(json.dumps({"database": database}))
+
+    out = tmp_path / "bench"
+    for name, root, queries in (("msrvtt", msrvtt, 2), ("youcook2", youcook, 2)):
+        assert (
+            main(["eval", "benchmark", name, "--root", str(root), *release, "--out", str(out), "--workers", "1"]) == 0
+        )
+        result = json.loads((out / f"{name}.json").read_text())
+        assert result["metrics"]["queries"] == queries and result["protocol"]["windows"] == 10
+        assert result["protocol"]["clip"] == {"num_frames": 16, "fps": 5.0}
+        emb = out / name / ("emb_test" if name == "msrvtt" else "emb_val")
+        info = json.loads((emb / "embed.json").read_text())
+        assert info["kind"] == "s3d_howto100m" and info["dot_product_spaces"] == ["vt"] and info["windows"] == 10
+        assert np.load(emb / "video@vt.windows.npy").shape[1:] == (10, 512)  # ten 16-frame windows per clip
