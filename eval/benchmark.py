@@ -42,6 +42,7 @@ class Protocol:
     windows: int = 10  # clips per video, evenly spaced over it
     max_words: int = 30  # words per caption for the released S3D's word-list text tower
     test_split: str = "test"  # the split scored (retrieval: the only one built)
+    templates: tuple[str, ...] = ()  # zero-shot prompts (empty: eval.zeroshot.DEFAULT_TEMPLATES)
     paper: dict[str, float] = field(default_factory=dict)  # the published numbers, by our metric names
 
 
@@ -160,11 +161,11 @@ def run_benchmark(
         if p.kind == "retrieval":
             per_fold.append(score_retrieval(test))
         elif p.kind == "classification":
-            per_fold.append(score_classes(emb["train"], test, model))
+            per_fold.append(score_classes(emb["train"], test, model, templates=p.templates))
         elif p.kind == "clustering":
             per_fold.append(score_clusters(test))
         else:
-            per_fold.append(score_zero_shot(test, model))
+            per_fold.append(score_zero_shot(test, model, templates=p.templates))
     metrics = per_fold[0] if folds == 1 else _mean_of_folds(per_fold)
     result = {
         "benchmark": name,
@@ -214,7 +215,7 @@ def score_retrieval(emb, space: str = "vt") -> dict[str, float]:
     return {f"t2v_R@{k}": m[f"R@{k}"] for k in (1, 5, 10)} | {"t2v_MedR": m["MedR"], "queries": len(emb.caption_video)}
 
 
-def score_classes(train, test, model, space: str = "vt") -> dict[str, float]:
+def score_classes(train, test, model, space: str = "vt", templates: tuple[str, ...] = ()) -> dict[str, float]:
     """MIL-NCE's linear SVM (C = 100) fitted on every window's raw backbone features of the training split (the
     video's label on each), a test video's decision values summed over its windows; kNN on the unit window-mean
     features; zero-shot from the class names when the model has a text tower with `space`."""
@@ -238,7 +239,7 @@ def score_classes(train, test, model, space: str = "vt") -> dict[str, float]:
     unit_train, unit_test = row_array(train, "video_feat")[keep_tr], row_array(test, "video_feat")[keep_te]
     out["knn_top1"] = knn_classifier(unit_train, y_train, unit_test, y_test, k=20)
     if f"video@{space}" in test.arrays and model.tokenize is not None:
-        classes = class_embeddings(model, class_prompts(names, DEFAULT_TEMPLATES), space=space)
+        classes = class_embeddings(model, class_prompts(names, templates or DEFAULT_TEMPLATES), space=space)
         video = row_array(test, f"video@{space}")[keep_te]
         zs = zero_shot_accuracy(video @ classes.T, y_test)
         out.update({f"zeroshot_{k}": v for k, v in zs.items()})
@@ -263,7 +264,7 @@ def score_clusters(emb) -> dict[str, float]:
     return out
 
 
-def score_zero_shot(emb, model, space: str = "vt") -> dict[str, float]:
+def score_zero_shot(emb, model, space: str = "vt", templates: tuple[str, ...] = ()) -> dict[str, float]:
     """Top-1 / top-5 zero-shot accuracy from the class names (`eval.zeroshot`, default prompts)."""
     from eval.probe import row_array
     from eval.zeroshot import DEFAULT_TEMPLATES, class_embeddings, class_prompts, zero_shot_accuracy
@@ -272,7 +273,7 @@ def score_zero_shot(emb, model, space: str = "vt") -> dict[str, float]:
         raise ValueError("zero-shot classification needs a model with a text tower and its tokenizer")
     labels, names = emb.labels()
     keep = labels >= 0
-    classes = class_embeddings(model, class_prompts(names, DEFAULT_TEMPLATES), space=space)
+    classes = class_embeddings(model, class_prompts(names, templates or DEFAULT_TEMPLATES), space=space)
     out = zero_shot_accuracy(row_array(emb, f"video@{space}")[keep] @ classes.T, labels[keep])
     out.update(classes=len(names), videos=int(keep.sum()))
     return out
@@ -315,11 +316,14 @@ def _apply(p: Protocol, overrides: dict) -> Protocol:
             clip[key] = value
         elif key in ("windows", "max_words"):
             fields[key] = value
+        elif key == "templates":
+            fields[key] = tuple(value)
         elif key == "folds":
             continue  # read by run_benchmark
         else:
             raise ValueError(
-                f"unknown benchmark setting {key!r} (known: num_frames, fps, size, windows, max_words, folds)"
+                f"unknown benchmark setting {key!r} "
+                "(known: num_frames, fps, size, windows, max_words, folds, templates)"
             )
     clip = {k: v for k, v in clip.items() if v is not None}
     return dataclasses.replace(p, clip=clip, **fields)

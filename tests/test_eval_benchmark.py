@@ -152,6 +152,10 @@ def test_kinetics400_zero_shot_from_its_validation_csv(model, tmp_path):
     assert main([*argv, "--tokenizer", str(tokenizer), *QUICK]) == 0
     m = json.loads((out / "kinetics400.json").read_text())["metrics"]
     assert (m["classes"], m["videos"]) == (3, 3) and 0 <= m["top1"] <= 100 and "top5" not in m  # 3 classes: no top-5
+    assert main([*argv, "--tokenizer", str(tokenizer), *QUICK, "--set", "templates=['{}']"]) == 0
+    again = json.loads((out / "kinetics400.json").read_text())["metrics"]
+    assert again["videos"] == 3  # the embeddings are reused; only the prompts changed
+    assert main([*argv, "--tokenizer", str(tokenizer), *QUICK, "--set", "templates=['no slot']"]) == 2
 
 
 def test_hmdb51_from_its_split_files(model, tmp_path):
