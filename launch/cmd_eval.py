@@ -34,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto")
     p.set_defaults(func=run_embed)
 
-    ev = sub.add_parser("eval", help="score embeddings: retrieval or clustering")
+    ev = sub.add_parser("eval", help="score embeddings (retrieval, clustering, zero-shot) or run a standard benchmark")
     cmds = ev.add_subparsers(dest="eval_command", metavar="SUBCOMMAND", required=True)
     p = _add_parser(cmds, "retrieval", RetrievalConfig, "text<->video, audio<->video retrieval; classes and probes")
     p.add_argument("embeddings", help="embedding directory (from `vatp embed`)")
@@ -71,7 +71,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Build the benchmark's shards from its files as distributed (cached), embed them with the "
         "protocol of the paper's evaluation code, score, and print each metric beside the paper's number "
         "(docs/evaluation.md, Benchmarks). --set windows=N, num_frames=N, fps=F, size=S (null: the model's), "
-        "max_words=N change the protocol.",
+        "max_words=N, templates=[...] change the protocol; folds=3 gives UCF101/HMDB51's three-split mean.",
     )
     p.add_argument(
         "name",
@@ -85,7 +85,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dict", default=None, help="the released S3D's word list s3d_dict.npy (its text tower)")
     p.add_argument("--workers", type=int, default=2, help="build and loader worker processes")
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="see above")
     p.set_defaults(func=run_benchmark)
 
     p = _add_parser(sub, "search", SearchConfig, "top-k videos for a text query or a query clip")
