@@ -17,6 +17,7 @@ reused on a re-run. The protocols and where each choice comes from: docs/evaluat
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -156,7 +157,9 @@ def run_benchmark(
     for fold in range(1, folds + 1):
         tag = "" if fold == 1 else f"_split{fold}"
         annotation = _fold_annotation(root / p.annotation, p.fmt, fold)
-        emb = _build_and_embed(p, annotation, root / p.videos, out / name, tag, model, workers=workers, device=device)
+        emb = _build_and_embed(
+            p, annotation, root / p.videos, out / name, tag, model, checkpoint, workers=workers, device=device
+        )
         test = emb[p.test_split]
         if p.kind == "retrieval":
             per_fold.append(score_retrieval(test))
@@ -180,14 +183,18 @@ def run_benchmark(
 
 
 def _build_and_embed(
-    p: Protocol, annotation: Path, videos: Path, work: Path, tag: str, model, *, workers: int, device: str
+    p: Protocol, annotation: Path, videos: Path, work: Path, tag: str, model, checkpoint, *, workers: int, device: str
 ) -> dict:
-    """The splits' shards (cached: a finished build is reused, an interrupted one resumes) and embeddings."""
+    """The splits' shards (cached: a finished build is reused, an interrupted one resumes) and embeddings, the
+    latter in a folder named by the checkpoint and the protocol (`emb_<split>-<key>`), so another checkpoint or
+    protocol never reuses them."""
     from data_prep.build import build_dataset
     from eval.embed import embed_dataset, read_embeddings
     from pipeline.dataset import DATASET_JSON
 
     splits = ("train", p.test_split) if p.kind == "classification" else (p.test_split,)
+    what = [str(Path(checkpoint).resolve()), p.windows, p.clip, p.max_words, p.kind]
+    key = hashlib.sha1(json.dumps(what, sort_keys=True).encode()).hexdigest()[:10]
     emb = {}
     for split in splits:
         data = work / f"data_{split}{tag}"
@@ -196,14 +203,14 @@ def _build_and_embed(
         embed_dataset(
             model,
             data,
-            work / f"emb_{split}{tag}",
+            work / f"emb_{split}{tag}-{key}",
             windows=p.windows,
             num_workers=workers,
             device=device,
             data_overrides=p.clip,
             feature_windows=p.kind == "classification",
         )
-        emb[split] = read_embeddings(work / f"emb_{split}{tag}")
+        emb[split] = read_embeddings(work / f"emb_{split}{tag}-{key}")
     return emb
 
 

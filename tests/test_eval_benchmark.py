@@ -57,7 +57,8 @@ def test_ucf101_from_its_split_lists(model, tmp_path, capsys):
     assert (m["classes"], m["train"], m["test"]) == (2, 6, 2)
     assert {"svm_top1", "knn_top1", "zeroshot_top1"} <= set(m) and 0 <= m["svm_top1"] <= 100
     assert result["paper"]["svm_top1"] == 82.7 and "eval_hmdb" in result["protocol"]["source"]
-    windows = np.load(out / "ucf101" / "emb_train" / "video_feat.windows.npy")
+    (emb_train,) = (out / "ucf101").glob("emb_train-*")
+    windows = np.load(emb_train / "video_feat.windows.npy")
     assert windows.shape[:2] == (6, 2)  # every window's features: the SVM is fitted on windows, as MIL-NCE
     table = capsys.readouterr().out
     assert "svm_top1" in table and "82.7" in table
@@ -77,6 +78,10 @@ def test_ucf101_from_its_split_lists(model, tmp_path, capsys):
     mean = sum(f["svm_top1"] for f in three["splits"]) / 3
     assert three["metrics"]["svm_top1"] == pytest.approx(mean)
     assert (out / "ucf101" / "data_test_split3" / "dataset.json").is_file()
+    # Another protocol (or checkpoint) embeds anew next to the first; the shards are shared.
+    assert main([*argv, "--tokenizer", str(tokenizer), *QUICK, "--set", "windows=1"]) == 0
+    assert len(list((out / "ucf101").glob("emb_train-*"))) == 2
+    assert (out / "ucf101" / "data_test" / "dataset.json").stat().st_mtime == built
 
 
 def test_msrvtt_1k_a_from_the_jsfusion_list(model, tmp_path, capsys):
@@ -114,7 +119,8 @@ def test_youcook2_scores_each_validation_step_as_a_clip(model, tmp_path):
     assert main([*argv, "--tokenizer", str(tokenizer), *QUICK]) == 0
     m = json.loads((out / "youcook2.json").read_text())["metrics"]
     assert m["queries"] == 4  # the four validation steps, not the training video's
-    meta = [json.loads(line) for line in (out / "youcook2" / "emb_val" / "meta.jsonl").read_text().splitlines()]
+    (emb,) = (out / "youcook2").glob("emb_val-*")
+    meta = [json.loads(line) for line in (emb / "meta.jsonl").read_text().splitlines()]
     assert sorted(r["id"] for r in meta) == ["GLd3aX16zBg_0", "GLd3aX16zBg_1", "xHr8X2Wpmno_0", "xHr8X2Wpmno_1"]
     assert all(abs(r["duration"] - 2.0) < 0.2 for r in meta)  # each clip is its step's segment
 
@@ -231,7 +237,7 @@ def test_the_released_checkpoint_format_goes_through_msrvtt_and_youcook2_with_th
         result = json.loads((out / f"{name}.json").read_text())
         assert result["metrics"]["queries"] == queries and result["protocol"]["windows"] == 10
         assert result["protocol"]["clip"] == {"num_frames": 16, "fps": 5.0}
-        emb = out / name / ("emb_test" if name == "msrvtt" else "emb_val")
+        (emb,) = (out / name).glob("emb_test-*" if name == "msrvtt" else "emb_val-*")
         info = json.loads((emb / "embed.json").read_text())
         assert info["kind"] == "s3d_howto100m" and info["dot_product_spaces"] == ["vt"] and info["windows"] == 10
         assert np.load(emb / "video@vt.windows.npy").shape[1:] == (10, 512)  # ten 16-frame windows per clip
