@@ -3,7 +3,8 @@
 `pipeline.train.train(cfg, evaluate=...)` calls `evaluate(model, step) -> dict` on every rank and logs what rank 0
 returns; `launch/` builds that callback here, so the training loop needs nothing from `eval/`. The default is
 `held_out_retrieval`: embed the first `eval.max_samples` videos of `eval.dataset` (one window each) with the
-current weights and score text->video retrieval in every space that holds both.
+current weights and score text->video retrieval in every space holding video and text, audio->video in every
+space holding video and audio.
 """
 
 from __future__ import annotations
@@ -34,7 +35,10 @@ def held_out_retrieval(cfg: TrainConfig) -> Evaluate:
     tokenizer = None
     if cfg.model.text is not None:
         tokenizer = str(tokenizer_path([d.path for d in cfg.data.datasets], cfg.data.text.tokenizer))
-    spaces = [s.name for s in cfg.model.spaces if {"video", "text"} <= set(s.modalities)]
+    text_spaces = [s.name for s in cfg.model.spaces if {"video", "text"} <= set(s.modalities)]
+    audio_spaces = [s.name for s in cfg.model.spaces if {"video", "audio"} <= set(s.modalities)]
+    if not text_spaces and not audio_spaces:
+        raise ValueError("eval.every is set but the model has no space holding video with text or audio to score")
 
     def evaluate(model: Any, step: int) -> dict[str, float]:
         module = getattr(model, "module", model)  # a DeepSpeed engine wraps the model
@@ -65,10 +69,14 @@ def held_out_retrieval(cfg: TrainConfig) -> Evaluate:
         if rank() != 0:
             return {}
         emb, results = read_embeddings(out), {}
-        for space in spaces:
+        for space in text_spaces:
             sim = emb.get(f"text@{space}") @ emb.get(f"video@{space}").T  # (C, N)
             m = retrieval_metrics(sim, [[int(v)] for v in emb.caption_video])
             results.update({f"eval/{space}/t2v_R@{k}": m[f"R@{k}"] for k in (1, 5, 10)})
+        for space in audio_spaces:  # each video's audio finds its video, over the videos that have audio
+            keep = emb.has_audio
+            m = retrieval_metrics(emb.get(f"audio@{space}")[keep] @ emb.get(f"video@{space}")[keep].T)
+            results.update({f"eval/{space}/a2v_R@{k}": m[f"R@{k}"] for k in (1, 5, 10)})
         log.info("eval at step %d: %s", step, {k: round(v, 2) for k, v in results.items()})
         return results
 

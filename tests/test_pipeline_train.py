@@ -320,3 +320,26 @@ def test_batchnorm_warms_up_before_the_first_labelling(dataset, tmp_path, monkey
     ((tracked, var),) = seen  # one labelling run, at step 0
     assert tracked == warmup  # the warm-up batches, and no training step, went through BatchNorm before it
     assert torch.equal(var, torch.ones_like(var)) == (warmup == 0)
+
+
+def test_periodic_eval_scores_audio_to_video_for_an_audio_visual_model(dataset, tmp_path):
+    from eval.periodic import held_out_retrieval
+
+    cfg = load_train_config(
+        CONFIGS / "gdt_av_tiny.yaml",
+        [
+            f"data.datasets=[{{path: {dataset}}}]",
+            f"run.runs_dir={tmp_path}",
+            "data.num_workers=0",
+            "run.tensorboard=false",
+            "run.steps=2",
+            "eval.every=2",
+            f"eval.dataset={dataset}",
+        ],
+    )
+    summary = train(cfg, evaluate=held_out_retrieval(cfg))
+    logged = [m for m in _metrics(Path(summary["run_dir"])) if "eval/va/a2v_R@10" in m]
+    assert [m["step"] for m in logged] == [2] and 0 <= logged[0]["eval/va/a2v_R@1"] <= logged[0]["eval/va/a2v_R@10"]
+    nothing = tiny_cfg(dataset, tmp_path, "eval.every=2", f"eval.dataset={dataset}", "model.spaces=[]")
+    with pytest.raises(ValueError, match="no space"):
+        held_out_retrieval(nothing)
