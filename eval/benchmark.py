@@ -20,6 +20,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -153,12 +154,12 @@ def run_benchmark(
         raise ValueError(f"{root / p.annotation} not found: {name} expects its files as distributed under --root")
     tok = find_tokenizer(str(tokenizer) if tokenizer else None, str(checkpoint), None)
     model = load_model(checkpoint, tokenizer=tok, dict_path=dict_path, max_words=p.max_words)
-    per_fold = []
+    per_fold, coverage, t0 = [], {}, time.perf_counter()
     for fold in range(1, folds + 1):
         tag = "" if fold == 1 else f"_split{fold}"
         annotation = _fold_annotation(root / p.annotation, p.fmt, fold)
         emb = _build_and_embed(
-            p, annotation, root / p.videos, out / name, tag, model, checkpoint, workers=workers, device=device
+            p, annotation, root / p.videos, out / name, tag, model, checkpoint, coverage, workers=workers, device=device
         )
         test = emb[p.test_split]
         if p.kind == "retrieval":
@@ -177,20 +178,32 @@ def run_benchmark(
         "paper": p.paper,
         "protocol": {"source": p.source, "windows": p.windows, "clip": p.clip, "build": p.build},
         "checkpoint": str(checkpoint),
+        "videos": coverage,
+        "seconds": round(time.perf_counter() - t0, 1),
     }
     (out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
     return result
 
 
 def _build_and_embed(
-    p: Protocol, annotation: Path, videos: Path, work: Path, tag: str, model, checkpoint, *, workers: int, device: str
+    p: Protocol,
+    annotation: Path,
+    videos: Path,
+    work: Path,
+    tag: str,
+    model,
+    checkpoint,
+    coverage: dict,
+    *,
+    workers: int,
+    device: str,
 ) -> dict:
     """The splits' shards (cached: a finished build is reused, an interrupted one resumes) and embeddings, the
     latter in a folder named by the checkpoint and the protocol (`emb_<split>-<key>`), so another checkpoint or
-    protocol never reuses them."""
+    protocol never reuses them. `coverage` gets each split's sample count and how many listed videos failed."""
     from data_prep.build import build_dataset
     from eval.embed import embed_dataset, read_embeddings
-    from pipeline.dataset import DATASET_JSON
+    from pipeline.dataset import DATASET_JSON, read_dataset_json
 
     splits = ("train", p.test_split) if p.kind == "classification" else (p.test_split,)
     what = [str(Path(checkpoint).resolve()), p.windows, p.clip, p.max_words, p.kind]
@@ -211,6 +224,17 @@ def _build_and_embed(
             feature_windows=p.kind == "classification",
         )
         emb[split] = read_embeddings(work / f"emb_{split}{tag}-{key}")
+        failures = data / "failures.jsonl"
+        failed = (
+            sum(1 for line in failures.read_text(encoding="utf-8").splitlines() if line.strip())
+            if failures.is_file()
+            else 0
+        )
+        coverage[f"{split}{tag}"] = {"samples": int(read_dataset_json(data)["samples"]), "failed": failed}
+        if failed:
+            log.warning(
+                "%s: %d of the listed videos could not be used (%s): the numbers cover the rest", data, failed, failures
+            )
     return emb
 
 
@@ -294,6 +318,8 @@ def format_benchmark(result: dict) -> str:
         shown = f"{value:.1f}" if isinstance(value, float) else str(value)
         lines.append(f"{key:<16}{shown:>10}{'' if paper is None else f'{paper:.1f}':>10}")
     lines.append(f"protocol: {result['protocol']['source']}")
+    videos = ", ".join(f"{split} {v['samples']} ({v['failed']} failed)" for split, v in result["videos"].items())
+    lines.append(f"videos: {videos}; {result['seconds']:.0f} s")
     return "\n".join(lines)
 
 

@@ -175,6 +175,8 @@ def test_hmdb51_from_its_split_files(model, tmp_path):
             name = f"{label}_clip_{i}.avi"
             _video(root / "hmdb51" / label / name, colour)
             lines.append(f"{name} {kind} ")
+        if label == "brush_hair":
+            lines.append("listed_but_missing.avi 2 ")  # a video the list names but the folder lacks
         (splits / f"{label}_test_split1.txt").write_text("\n".join(lines) + "\n")
     out = tmp_path / "bench"
     argv = ["eval", "benchmark", "hmdb51", "--root", str(root), "--checkpoint", str(export), "--out", str(out)]
@@ -182,6 +184,7 @@ def test_hmdb51_from_its_split_files(model, tmp_path):
     result = json.loads((out / "hmdb51.json").read_text())
     assert (result["metrics"]["train"], result["metrics"]["test"]) == (6, 2)  # the "0" (unused) rows left out
     assert result["paper"] == {"svm_top1": 53.1}
+    assert result["videos"] == {"train": {"samples": 6, "failed": 0}, "test": {"samples": 2, "failed": 1}}
 
 
 def test_ave_clusters_its_test_split(model, tmp_path):
