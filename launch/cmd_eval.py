@@ -19,6 +19,7 @@ from eval.config import (
     describe,
     eval_config,
 )
+from launch.options import add_overrides
 from pipeline.config import to_dict
 
 log = logging.getLogger(__name__)
@@ -85,7 +86,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dict", default=None, help="the released S3D's word list s3d_dict.npy (its text tower)")
     p.add_argument("--workers", type=int, default=2, help="build and loader worker processes")
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="see above")
+    add_overrides(p, "see above")
     p.set_defaults(func=run_benchmark)
 
     p = _add_parser(sub, "search", SearchConfig, "top-k videos for a text query or a query clip")
@@ -109,9 +110,7 @@ def _add_parser(sub: argparse._SubParsersAction, name: str, config: type, help: 
         epilog=f"settings (--set KEY=VALUE, repeatable; values are YAML), with their defaults:\n{settings}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a setting below"
-    )
+    add_overrides(p, "override a setting below")
     return p
 
 

@@ -14,6 +14,8 @@ import os
 import sys
 from pathlib import Path
 
+from launch.options import add_overrides
+
 CONFIGS = Path(__file__).parent / "configs"
 EXIT_DIVERGED = 3
 
@@ -27,14 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "or a run directory (its saved config.yaml). Every knob is a --set override, e.g. --set run.steps=100.",
     )
     p.add_argument("recipe", help="recipe file, recipe name, or run directory")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value (repeatable), e.g. --set optim.lr=3e-4",
-    )
+    add_overrides(p, "override a config value (repeatable), e.g. --set optim.lr=3e-4")
     p.add_argument("--resume", action="store_true", help="continue the run from its checkpoints/latest")
     p.add_argument(
         "--auto-resume",
@@ -74,14 +69,7 @@ def register_quickstart(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--videos", type=int, default=None, help="synthetic videos (default: the recipe's plan)")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the quickstart recipe's)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a quickstart recipe value",
-    )
+    add_overrides(p, "override a quickstart recipe value")
     p.set_defaults(func=run_quickstart)
 
 
