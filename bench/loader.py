@@ -49,6 +49,7 @@ from pipeline.data_config import (  # noqa: E402
     resolve_inputs,  # noqa: E402
 )
 from pipeline.stages import CheckSample, collate_rows  # noqa: E402
+from pipeline.views import decoder_for  # noqa: E402
 
 H100_BF16_FLOPS, MFU = 989e12, 0.35
 TRAIN_FLOPS_PER_FORWARD = 3  # forward + backward ~ 3x the forward's multiply-adds
@@ -124,8 +125,8 @@ def plain_loop(cfg: DataConfig, raws: list[dict], clips: int) -> dict:
 
         return run
 
-    def record_open(data, backend, size=None):
-        video = orig[2](data, backend, size)
+    def record_open(data, backend, size=None, pixels="rgb"):
+        video = orig[2](data, backend, size, pixels)
         data_of[id(video)] = data
         return video
 
@@ -159,13 +160,22 @@ def plain_loop(cfg: DataConfig, raws: list[dict], clips: int) -> dict:
 
 
 def bare_decode(picks: list[tuple[bytes, list[int]]], samples: int) -> float:
-    """CPU seconds per sample of decord decoding exactly the picked frames, nothing else (a GDT sample decodes
-    two clips)."""
+    """CPU seconds per sample of decord decoding exactly the picked frames to RGB, nothing else (a GDT sample
+    decodes two clips)."""
     import decord
 
     c0 = time.process_time()
     for data, idx in picks:
         decord.VideoReader(io.BytesIO(data), num_threads=1).get_batch(sorted(set(idx)))
+    return (time.process_time() - c0) / samples
+
+
+def bare_own_decode(picks: list[tuple[bytes, list[int]]], samples: int, decoder: str) -> float:
+    """CPU seconds per sample of the loader's own decoder (as training views use it) on the picked frames."""
+    backend, pixels = decoder_for(decoder, train=True)
+    c0 = time.process_time()
+    for data, idx in picks:
+        Vd.open_video(data, backend, pixels=pixels).get_frames(idx)
     return (time.process_time() - c0) / samples
 
 
@@ -257,7 +267,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="alternations of bare decoding and the loader")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--worker-start", default="fork", choices=["fork", "forkserver", "spawn"])
-    ap.add_argument("--decoder", default="decord", choices=["decord", "pyav"], help="the loader's decoder")
+    ap.add_argument("--decoder", default="auto", choices=["auto", "decord", "pyav"], help="the loader's decoder")
     ap.add_argument("--audio-format", default="wav", choices=["flac", "wav"], help="audio of the synth dataset")
     args = ap.parse_args()
     frames, size, fps = args.clip
@@ -286,8 +296,9 @@ def main() -> None:
         meta = json.loads(raws[0]["json"])
         plain_loop(cfg, raws, 8)  # warm-up: imports, mel filterbank, tokenizer
         loop = plain_loop(cfg, raws, args.clips)
-        decodes, ones = [bare_decode(loop["picks"], args.clips)], []
+        decodes, owns, ones = [bare_decode(loop["picks"], args.clips)], [], []
         for _ in range(args.rounds):  # the machine is shared: alternate the loader and the bare decoding
+            owns.append(bare_own_decode(loop["picks"], args.clips, args.decoder))
             ones.append(loader_run(cfg, 1, args.clips))
             decodes.append(bare_decode(loop["picks"], args.clips))
         two = loader_run(cfg, 2, args.clips)
@@ -295,7 +306,7 @@ def main() -> None:
         raw_batches = list(raw)
         step_ms = step_on_cpu(cfg, raw_batches)
         gpu_ms = step_on_gpu(cfg, raw_batches[0])
-    decode = float(np.mean(decodes))
+    decode, own = float(np.mean(decodes)), float(np.mean(owns))
     one = {k: float(np.mean([r[k] for r in ones])) for k in ones[0]}
     gflops = train_gflops(model, frames, size)
     need = MFU * H100_BF16_FLOPS / (gflops * 1e9)  # clips per second one H100 trains
@@ -304,9 +315,12 @@ def main() -> None:
         f"audio), stored {meta['width']}x{meta['height']} @ {meta['fps']:g} fps, {args.clips} clips per run, "
         f"batch {args.batch_size}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}"
     )
-    print(f"bare decode (decord get_batch, same frames)     {decode * 1e3:7.2f} ms CPU per clip")
-    print(f"loader worker ({args.decoder}), 1 worker           {one['worker_cpu'] * 1e3:7.2f} ms CPU per clip")
+    backend, pixels = decoder_for(args.decoder, train=True)
+    print(f"bare decode (decord get_batch to RGB, same frames) {decode * 1e3:7.2f} ms CPU per clip")
+    print(f"bare decode ({backend} to {pixels}, the loader's own)  {own * 1e3:7.2f} ms CPU per clip")
+    print(f"loader worker ({backend} to {pixels}), 1 worker      {one['worker_cpu'] * 1e3:7.2f} ms CPU per clip")
     print(f"worker CPU per clip / bare decode CPU per clip: {one['worker_cpu'] / decode:.2f}   (goal <= 1.15)")
+    print(f"worker CPU per clip / its own decoder's bare CPU: {one['worker_cpu'] / own:.2f}   (the loader's overhead)")
     print(f"augmentation step on this CPU (one thread)      {step_ms:7.2f} ms per clip")
     if gpu_ms is not None:
         print(f"augmentation step on {torch.cuda.get_device_name()}  {gpu_ms:7.3f} ms per clip")

@@ -21,12 +21,13 @@ import torch.nn.functional as F
 
 from models.contracts import normalize_video
 from pipeline.audio import LOG_EPS
-from pipeline.video import center_box
+from pipeline.video import center_box, upsample_chroma, yuv420_to_rgb
 
 if TYPE_CHECKING:
     from pipeline.data_config import AugmentConfig, DataConfig
 
-VIDEO_PARAMS = ("height", "width", "flip", "brightness", "contrast", "saturation")
+# chroma_top/left: the box starts on a chroma sample's second row/column (odd top/left; YUV batches only).
+VIDEO_PARAMS = ("height", "width", "flip", "brightness", "contrast", "saturation", "chroma_top", "chroma_left")
 AUDIO_PARAMS = ("gain", "freq_start", "freq_width", "time_start", "time_width")
 GREY = (0.299, 0.587, 0.114)  # ITU-R 601 luma weights, as torchvision's rgb_to_grayscale
 SPEC_FREQ_WIDTH, SPEC_TIME_WIDTH = 3, 6  # GDT's "medium" SpecAugment: one mask each, width below these
@@ -69,12 +70,12 @@ def draw_video_view(
     """
     if rng is None or not aug.enabled:
         box = center_square(height, width)
-        return box, np.array([box[2], box[3], 0, 1, 1, 1], dtype=np.float32)
+        return box, np.array([box[2], box[3], 0, 1, 1, 1, box[0] % 2, box[1] % 2], dtype=np.float32)
     box = draw_box(height, width, rng, aug.crop_scale)
     flip = aug.flip and rng.random() < 0.5
     s = aug.color_jitter
     factors = rng.uniform(1 - s, 1 + s, size=3) if s > 0 else np.ones(3)
-    return box, np.array([box[2], box[3], flip, *factors], dtype=np.float32)
+    return box, np.array([box[2], box[3], flip, *factors, box[0] % 2, box[1] % 2], dtype=np.float32)
 
 
 def draw_audio_view(mel_bins: int, frames: int, aug: AugmentConfig, rng: np.random.Generator | None) -> np.ndarray:
@@ -104,13 +105,15 @@ def mirror_audio_view(row: np.ndarray, frames: int) -> np.ndarray:
 
 
 def augment_batch(batch: dict, cfg: DataConfig) -> dict:
-    """Apply the drawn parameters to a whole batch on its device: `video` uint8 boxes -> float
-    `(B, V, C, T, S, S)` normalised with the model's mean/std, `audio` -> gain and masks applied.
+    """Apply the drawn parameters to a whole batch on its device: `video` uint8 boxes (RGB, or luma with
+    `video_uv` chroma) -> float RGB `(B, V, C, T, S, S)` normalised with the model's mean/std, `audio` -> gain and
+    masks applied.
 
     A batch without parameters (eval views, or already augmented) is returned unchanged.
     """
     if "video_aug" in batch:
-        batch["video"] = augment_video(batch["video"], batch.pop("video_aug"), cfg.size, cfg.mean, cfg.std)
+        chroma = batch.pop("video_uv", None)
+        batch["video"] = augment_video(batch["video"], batch.pop("video_aug"), cfg.size, cfg.mean, cfg.std, chroma)
     if "audio_aug" in batch:
         batch["audio"] = augment_audio(batch["audio"], batch.pop("audio_aug"))
     return batch
@@ -122,26 +125,39 @@ def augment_video(
     size: int,
     mean: tuple[float, float, float],
     std: tuple[float, float, float],
+    chroma: torch.Tensor | None = None,
     uint8_resize: bool | None = None,
 ) -> torch.Tensor:
     """Crop-resize, flip, jitter and normalise every view of a batch.
 
-    `video (B, V, C, T, H, W)` uint8 holds each view's box at the top-left of its slot (the rest is padding);
-    `params (B, V, 6)` are `VIDEO_PARAMS` on the CPU. Returns float32 `(B, V, C, T, size, size)`.
-    `uint8_resize` (default: on the CPU) resizes in uint8, torch's fast CPU kernel; accelerators resize in float.
+    `video (B, V, C, T, H, W)` uint8 holds each view's box at the top-left of its slot (the rest is padding):
+    RGB, or luma (C = 1) with `chroma (B, V, 2, T, Hc, Wc)`, the 4:2:0 chroma rows and columns covering each box.
+    A YUV box is resized as YUV 4:4:4 (chroma repeated over its 2 x 2 pixels) and converted to RGB at the model's
+    size, where it costs least. `params (B, V, 8)` are `VIDEO_PARAMS` on the CPU. Returns float32
+    `(B, V, 3, T, size, size)`. `uint8_resize` (default: on the CPU) resizes in uint8, torch's fast CPU kernel;
+    accelerators resize in float.
     """
     uint8_resize = video.device.type == "cpu" if uint8_resize is None else uint8_resize
-    b, v, c, t = video.shape[:4]
+    b, v, _, t = video.shape[:4]
     rows = params.reshape(-1, len(VIDEO_PARAMS)).tolist()
-    out = torch.empty(b * v, c, t, size, size, dtype=torch.float32, device=video.device)
-    for n, (h, w, flip, *_) in enumerate(rows):
-        box = video[n // v, n % v, :, :, : int(h), : int(w)].permute(1, 0, 2, 3)  # (T, C, h, w)
-        frames = _resize(box, size, uint8_resize).transpose(0, 1)  # (C, T, S, S)
+    out = torch.empty(b * v, 3, t, size, size, dtype=torch.float32, device=video.device)
+    for n, (h, w, flip, *_, odd_top, odd_left) in enumerate(rows):
+        h, w = int(h), int(w)
+        if chroma is None:
+            box = video[n // v, n % v, :, :, :h, :w].permute(1, 0, 2, 3)  # (T, C, h, w)
+        else:
+            ch, cw = (int(odd_top) + h + 1) // 2, (int(odd_left) + w + 1) // 2
+            uv = chroma[n // v, n % v, :, :, :ch, :cw].transpose(0, 1)  # (T, 2, ch, cw)
+            box = upsample_chroma(video[n // v, n % v, 0, :, :h, :w], uv, int(odd_top), int(odd_left))  # (T, 3, h, w)
+        frames = _resize(box, size, uint8_resize)  # (T, C, S, S) float
+        if chroma is not None:
+            frames = yuv420_to_rgb(frames, dim=1).clamp_(0, 255)  # per view: small temporaries, cache-warm
+        frames = frames.transpose(0, 1)  # (C, T, S, S)
         out[n] = frames.flip(-1) if flip else frames
-    if bool((params[..., 3:] == 1).all()):
+    if bool((params[..., 3:6] == 1).all()):
         out.clamp_(0, 255)  # a float resize may overshoot a little
     else:
-        factors = params.to(video.device, non_blocking=True).reshape(-1, len(VIDEO_PARAMS))[:, 3:]  # (N, 3)
+        factors = params.to(video.device, non_blocking=True).reshape(-1, len(VIDEO_PARAMS))[:, 3:6]  # (N, 3)
         _color_jitter_(out, factors)
     return normalize_video(out, mean, std).unflatten(0, (b, v))
 

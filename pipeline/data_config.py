@@ -68,7 +68,7 @@ class DataConfig:
     num_workers: int = 2
     epoch_samples: int | None = None  # None: the datasets' sample count (dataset.json)
     shuffle_buffer: int = 256
-    decoder: Literal["decord", "pyav"] = "decord"
+    decoder: Literal["auto", "decord", "pyav"] = "auto"  # auto: PyAV (YUV) for training views, decord for eval
     num_frames: int | None = None  # None: from the model's VideoInput
     size: int | None = None
     fps: float | None = None

@@ -24,6 +24,7 @@ from pipeline.views import SampleRejected, captions, sample_views
 
 log = logging.getLogger(__name__)
 
+VIDEO_KEYS = ("video", "video_uv")  # the pooled video buffer's tensors
 SCALARS = {"idx": torch.int64, "label": torch.int64, "has_audio": torch.bool}  # row values collated as (B,)
 
 
@@ -300,7 +301,9 @@ def collate_rows(rows: list[dict], skipped: dict[str, int], buffers: VideoBuffer
 
     `video` windows are copied once into a uint8 `(B, V, T, H, W, 3)` buffer (each at the top-left of its slot,
     the slot as large as the batch's largest window, the rest zero) and handed over as the `(B, V, C, T, H, W)`
-    view of it: channels last in memory, as decoders produce frames. The buffer comes from `buffers` when given
+    view of it: channels last in memory, as decoders produce frames. YUV windows give luma `video`
+    `(B, V, 1, T, H, W)` and chroma `video_uv` `(B, V, 2, T, H/2 + 1, W/2 + 1)` (the rows and columns covering
+    each box) in one buffer instead. The buffer comes from `buffers` when given
     (the batch then carries its `_buffer` tag), else it is allocated, in shared memory inside a DataLoader
     worker, so passing it to the main process copies nothing.
     """
@@ -310,7 +313,9 @@ def collate_rows(rows: list[dict], skipped: dict[str, int], buffers: VideoBuffer
         if key == "meta":
             batch[key] = values
         elif key == "video":
-            batch[key], tag = _collate_windows(values, buffers)
+            batch[key], chroma, tag = _collate_windows(values, buffers)
+            if chroma is not None:
+                batch["video_uv"] = chroma
             if tag is not None:
                 batch["_buffer"] = tag
         elif key in SCALARS:
@@ -327,26 +332,36 @@ def collate_rows(rows: list[dict], skipped: dict[str, int], buffers: VideoBuffer
 
 def _collate_windows(
     rows: list[list[VideoWindow]], buffers: VideoBuffers | None
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """The batch's video `(B, V, C, T, H, W)` (RGB, channels last in memory; or luma with C = 1), its chroma
+    `(B, V, 2, T, Hc, Wc)` for YUV windows (else None), and the pooled buffer's tag."""
     first = rows[0][0]
-    frames, device = first.clip.num_frames, first.clip.frames.device
+    frames, device, yuv = first.clip.num_frames, first.clip.frames.device, first.clip.chroma is not None
     height = max(w.height for row in rows for w in row)
     width = max(w.width for row in rows for w in row)
-    shape = (len(rows), len(rows[0]), frames, height, width, 3)
-    numel, tag = int(np.prod(shape)), None
+    b, v = len(rows), len(rows[0])
+    shape = (b, v, frames, height, width) if yuv else (b, v, frames, height, width, 3)
+    chroma_shape = (b, v, frames, 2, height // 2 + 1, width // 2 + 1) if yuv else ()
+    numel = int(np.prod(shape))
+    total = numel + (int(np.prod(chroma_shape)) if yuv else 0)
+    tag = None
     if device.type != "cpu":  # frames decoded on an accelerator stay there
-        out = torch.empty(shape, dtype=torch.uint8, device=device)
+        flat = torch.empty(total, dtype=torch.uint8, device=device)
     elif buffers is not None:
-        storage, tag = buffers.take(numel)
-        out = torch.empty(0, dtype=torch.uint8).set_(storage, 0, shape)
+        storage, tag = buffers.take(total)
+        flat = torch.empty(0, dtype=torch.uint8).set_(storage, 0, (total,))
     elif torch.utils.data.get_worker_info() is not None:
-        out = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(numel)).view(shape)
+        flat = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(total))
     else:
-        out = torch.empty(shape, dtype=torch.uint8)
-    for b, row in enumerate(rows):
-        for v, window in enumerate(row):
-            window.write_into(out[b, v])
-    return out.permute(0, 1, 5, 2, 3, 4), tag  # (B, V, C, T, H, W)
+        flat = torch.empty(total, dtype=torch.uint8)
+    out = flat[:numel].view(shape)
+    chroma = flat[numel:total].view(chroma_shape) if yuv else None
+    for i, row in enumerate(rows):
+        for j, window in enumerate(row):
+            window.write_into(out[i, j], chroma[i, j] if yuv else None)
+    if yuv:
+        return out.unsqueeze(2), chroma.transpose(2, 3), tag  # (B, V, 1, T, H, W), (B, V, 2, T, Hc, Wc)
+    return out.permute(0, 1, 5, 2, 3, 4), None, tag  # (B, V, C, T, H, W)
 
 
 def pack_tensors(batch: dict) -> dict:
@@ -357,7 +372,8 @@ def pack_tensors(batch: dict) -> dict:
     authentication handshake), so a batch of eight small tensors cost 4 ms, ~0.5 ms per clip at batch 8; packed,
     it costs one hand-over (two with pooled video).
     """
-    small = {k: v for k, v in batch.items() if torch.is_tensor(v) and not (k == "video" and "_buffer" in batch)}
+    pooled = VIDEO_KEYS if "_buffer" in batch else ()
+    small = {k: v for k, v in batch.items() if torch.is_tensor(v) and k not in pooled}
     if not small:
         return batch
     offsets, total = {}, 0

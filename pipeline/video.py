@@ -1,13 +1,20 @@
 """Video for the loader: decode the frames picked by timestamp from in-memory mp4 bytes, as uint8 tensors.
 
-The decoder interface is what a GPU decoder will also implement: `open_video(data, backend, size=...)` returns
-a `VideoSource` whose `get_frames(indices)` hands back the distinct wanted frames as a uint8 tensor
-`(N, H, W, 3)` on `source.device`, plus the order that lays them out as the clip. Nothing after the decoder
-(the batch's window copy, the device augmentation) cares which device the frames are on.
+The decoder interface is what a GPU decoder will also implement: `open_video(data, backend, size=...,
+pixels=...)` returns a `VideoSource` whose `get_frames(indices)` hands back the distinct wanted frames as uint8
+tensors on `source.device`, plus the order that lays them out as the clip. Nothing after the decoder (the
+batch's window copy, the device augmentation) cares which device the frames are on.
 
-Two CPU decoders sit behind it: decord (the default; one decoder thread, fault tolerance on, frames handed
-over through DLPack without a copy) and PyAV. Both can scale frames while decoding (`size=(h, w)`), which is
-how eval views reach the model's size without a resize pass of their own.
+Frames come in one of two pixel formats (`PIXELS`): `rgb` (`(N, H, W, 3)`) or `yuv420`, the decoder's own
+output before any colour conversion: luma `(N, H, W)` and the two chroma planes at half resolution
+`(N, 2, H/2, W/2)` (what H.264 stores and what a GPU decoder hands over). Converting to RGB costs a CPU about
+as much as decoding itself (libswscale, per frame), so training views travel as YUV and the batched device step
+converts them after the crop and resize (`yuv420_to_rgb`); eval views are RGB at the model's size.
+
+Two CPU decoders sit behind it: decord (RGB only; one decoder thread, fault tolerance on, frames handed over
+through DLPack without a copy) and PyAV (RGB or YUV; a newer FFmpeg whose H.264 decoding costs about half of
+decord's). Both can scale frames while decoding (`size=(h, w)`, RGB), which is how eval views reach the
+model's size without a resize pass of their own.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 BACKENDS = ("decord", "pyav")
+PIXELS = ("rgb", "yuv420")
 # decord raises once more than 1 % of a video's frames had to be "recovered" (duplicated) instead of
 # silently handing us repeated frames; its default (-1) never raises.
 DECORD_FAULT_TOL = 0.01
@@ -29,24 +37,35 @@ DECORD_FAULT_TOL = 0.01
 class Clip:
     """The frames of one clip without copies: clip frame `i` is `frames[order[i]]`.
 
-    `frames (N, H, W, 3)` uint8 holds each distinct frame once, in time order; `order (T,)` int64 repeats an
-    index where the clip shows a frame twice (a clip sampled faster than the video, or clamped at its end) and
-    runs backwards for a time-reversed view.
+    `frames` uint8 holds each distinct frame once, in time order: RGB `(N, H, W, 3)`, or luma `(N, H, W)` when
+    `chroma (N, 2, ceil(H/2), ceil(W/2))` (U, V; 4:2:0) is set. `order (T,)` int64 repeats an index where the
+    clip shows a frame twice (a clip sampled faster than the video, or clamped at its end) and runs backwards
+    for a time-reversed view.
     """
 
     frames: torch.Tensor
     order: torch.Tensor
+    chroma: torch.Tensor | None = None
 
     @property
     def num_frames(self) -> int:
         return len(self.order)
 
+    @property
+    def size(self) -> tuple[int, int]:
+        """`(H, W)` of a frame."""
+        return tuple(self.frames.shape[1:3])
+
     def reversed(self) -> Clip:
-        return Clip(self.frames, self.order.flip(0))
+        return Clip(self.frames, self.order.flip(0), self.chroma)
 
     def dense(self) -> torch.Tensor:
-        """The clip as one contiguous uint8 `(C, T, H, W)` tensor (a copy)."""
-        return self.frames[self.order].permute(3, 0, 1, 2).contiguous()
+        """The clip as one contiguous uint8 RGB `(C, T, H, W)` tensor (a copy; YUV converted)."""
+        if self.chroma is None:
+            return self.frames[self.order].permute(3, 0, 1, 2).contiguous()
+        yuv = upsample_chroma(self.frames[self.order], self.chroma[self.order], 0, 0)  # (T, 3, H, W)
+        rgb = yuv420_to_rgb(yuv.transpose(0, 1).float())
+        return rgb.round_().clamp_(0, 255).to(torch.uint8)
 
 
 class VideoSource:
@@ -95,9 +114,13 @@ class DecordSource(VideoSource):
 
 
 class PyAVSource(VideoSource):
-    def __init__(self, data: bytes, size: tuple[int, int] | None = None):
+    """PyAV: RGB frames (scaled to `size` when given) or, with `pixels="yuv420"`, the decoder's planes untouched."""
+
+    def __init__(self, data: bytes, size: tuple[int, int] | None = None, pixels: str = "rgb"):
         import av
 
+        if pixels == "yuv420" and size is not None:
+            raise ValueError("PyAV hands over YUV frames at their stored size only (size must be None)")
         self._container = av.open(io.BytesIO(data))
         self._stream = self._container.streams.video[0]
         self._stream.codec_context.thread_count = 1
@@ -109,6 +132,7 @@ class PyAVSource(VideoSource):
             frames = int(round(duration * self.fps))
         self.num_frames = int(frames)
         self._scale = {} if size is None else {"height": size[0], "width": size[1], "interpolation": "BILINEAR"}
+        self._yuv = pixels == "yuv420"
         self.decoded_frames = 0
 
     def get_frames(self, indices: list[int]) -> Clip:
@@ -117,12 +141,12 @@ class PyAVSource(VideoSource):
         want = set(wanted)
         tb = self._stream.time_base
         self._container.seek(int(first / self.fps / tb), stream=self._stream, backward=True, any_frame=False)
-        got: dict[int, np.ndarray] = {}
+        got: dict = {}
         for frame in self._container.decode(self._stream):
             self.decoded_frames += 1
             i = int(round(float(frame.pts * tb) * self.fps))
             if i in want:
-                got[i] = frame.to_ndarray(format="rgb24", **self._scale)
+                got[i] = frame if self._yuv else frame.to_ndarray(format="rgb24", **self._scale)
             if i >= last:
                 break
         # Past the real end (headers over-counting frames): repeat the last decoded frame.
@@ -132,15 +156,41 @@ class PyAVSource(VideoSource):
             got.update({i: last_got for i in missing if i > max(got)})
         if want - set(got):
             raise ValueError(f"PyAV could not decode frames {sorted(want - set(got))[:5]} (seek target {first})")
+        if self._yuv:
+            return _yuv_clip([got[i] for i in wanted], order)
         return Clip(torch.from_numpy(np.stack([got[i] for i in wanted])), order)
 
 
-def open_video(data: bytes, backend: str = "decord", size: tuple[int, int] | None = None) -> VideoSource:
-    """Open mp4 bytes with `backend` ('decord' or 'pyav'); with `size=(h, w)` the decoder scales every frame."""
+def _yuv_clip(frames: list, order: torch.Tensor) -> Clip:
+    """Luma and chroma planes of PyAV frames copied straight out of the decoder's buffers (row padding
+    dropped); a frame stored in another pixel format is first converted to yuv420p."""
+    h, w = frames[0].height, frames[0].width
+    ch, cw = (h + 1) // 2, (w + 1) // 2
+    luma = np.empty((len(frames), h, w), dtype=np.uint8)
+    chroma = np.empty((len(frames), 2, ch, cw), dtype=np.uint8)
+    for k, frame in enumerate(frames):
+        if frame.format.name != "yuv420p":
+            frame = frame.reformat(format="yuv420p")
+        y, u, v = frame.planes
+        luma[k] = np.frombuffer(y, np.uint8).reshape(h, y.line_size)[:, :w]
+        chroma[k, 0] = np.frombuffer(u, np.uint8).reshape(ch, u.line_size)[:, :cw]
+        chroma[k, 1] = np.frombuffer(v, np.uint8).reshape(ch, v.line_size)[:, :cw]
+    return Clip(torch.from_numpy(luma), order, torch.from_numpy(chroma))
+
+
+def open_video(
+    data: bytes, backend: str = "decord", size: tuple[int, int] | None = None, pixels: str = "rgb"
+) -> VideoSource:
+    """Open mp4 bytes with `backend` ('decord' or 'pyav'); with `size=(h, w)` the decoder scales every frame;
+    `pixels` is the frames' format (`PIXELS`; decord decodes to RGB only)."""
+    if pixels not in PIXELS:
+        raise ValueError(f"unknown pixel format {pixels!r} (known: {', '.join(PIXELS)})")
     if backend == "decord":
+        if pixels != "rgb":
+            raise ValueError("decord decodes to RGB only; use the pyav decoder for yuv420 frames")
         return DecordSource(data, size)
     if backend == "pyav":
-        return PyAVSource(data, size)
+        return PyAVSource(data, size, pixels)
     raise ValueError(f"unknown video decoder {backend!r} (known: {', '.join(BACKENDS)})")
 
 
@@ -188,6 +238,25 @@ def resize_frames(frames: torch.Tensor, height: int, width: int) -> torch.Tensor
     return y.permute(0, 2, 3, 1)
 
 
+def upsample_chroma(luma: torch.Tensor, chroma: torch.Tensor, top_odd: int, left_odd: int) -> torch.Tensor:
+    """A YUV 4:4:4 box `(T, 3, h, w)` uint8 from its luma `(T, h, w)` and the chroma rows and columns that cover
+    it `(T, 2, ch, cw)`; each chroma sample repeated over its 2 x 2 luma pixels (as libswscale's RGB conversion
+    does). `top_odd`/`left_odd`: the box starts on the second row/column of a chroma sample."""
+    h, w = luma.shape[1:]
+    up = chroma.repeat_interleave(2, -2).repeat_interleave(2, -1)[..., top_odd : top_odd + h, left_odd : left_odd + w]
+    return torch.cat([luma.unsqueeze(1), up], 1)
+
+
+def yuv420_to_rgb(yuv: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """Float YUV (BT.601, limited range: what H.264 stores and libswscale assumes by default) along `dim` ->
+    float RGB in [0, 255] (not clamped: the caller clamps once after its own float work)."""
+    y, u, v = yuv.unbind(dim)
+    y = (y - 16) * (255 / 219)
+    u = (u - 128) * (255 / 224)
+    v = (v - 128) * (255 / 224)
+    return torch.stack([y + 1.402 * v, y - 0.344136 * u - 0.714136 * v, y + 1.772 * u], dim)
+
+
 def center_clip(clip: Clip, size: int) -> torch.Tensor:
     """Eval view of a clip: the centred square of the short side, resized to `size`, as uint8 `(C, T, S, S)`.
 
@@ -203,7 +272,8 @@ def center_clip(clip: Clip, size: int) -> torch.Tensor:
 @dataclass
 class VideoWindow:
     """One view as a worker hands it to the batch: the `height` x `width` box at (`top`, `left`) of every frame of
-    `clip`. Collation copies it (the only copy of its pixels in the worker) into the batch's uint8 tensor."""
+    `clip`. Collation copies it (the only copy of its pixels in the worker) into the batch's uint8 tensors: RGB,
+    or for a YUV clip the luma box and the chroma rows and columns that cover it (`chroma_box`)."""
 
     clip: Clip
     top: int
@@ -211,15 +281,32 @@ class VideoWindow:
     height: int
     width: int
 
-    def write_into(self, out: torch.Tensor) -> None:
-        """Copy the window into `out (T, H, W, 3)` at its top-left corner and zero the rest of `out`."""
+    def chroma_box(self) -> tuple[int, int, int, int]:
+        """`(top, left, h, w)` of the chroma samples covering the box (4:2:0: one per 2 x 2 luma pixels)."""
+        top, left = self.top // 2, self.left // 2
+        return top, left, (self.top % 2 + self.height + 1) // 2, (self.left % 2 + self.width + 1) // 2
+
+    def write_into(self, out: torch.Tensor, out_chroma: torch.Tensor | None = None) -> None:
+        """Copy the window into `out (T, H, W, 3)` (RGB) or `out (T, H, W)` and `out_chroma (T, 2, Hc, Wc)` (YUV)
+        at the top-left corner and zero the rest."""
         frames = self.clip.frames[:, self.top : self.top + self.height, self.left : self.left + self.width]
-        order = self.clip.order.tolist()
-        box = out[:, : self.height, : self.width]
-        if order == list(range(order[0], order[0] + len(order))):
-            box.copy_(frames[order[0] : order[0] + len(order)])  # the usual case: consecutive distinct frames
-        else:
-            for t, i in enumerate(order):
-                box[t].copy_(frames[i])
-        out[:, self.height :].zero_()
-        out[:, : self.height, self.width :].zero_()
+        _copy_box(frames, self.clip.order, out, self.height, self.width, (1, 2))
+        if self.clip.chroma is not None:
+            top, left, h, w = self.chroma_box()
+            chroma = self.clip.chroma[:, :, top : top + h, left : left + w]
+            _copy_box(chroma, self.clip.order, out_chroma, h, w, (2, 3))
+
+
+def _copy_box(
+    frames: torch.Tensor, order: torch.Tensor, out: torch.Tensor, height: int, width: int, spatial: tuple[int, int]
+) -> None:
+    """`out[t][:height, :width] = frames[order[t]]` over the `spatial` dims of `out`, the rest of `out` zeroed."""
+    box = out.narrow(spatial[0], 0, height).narrow(spatial[1], 0, width)
+    order_list = order.tolist()
+    if order_list == list(range(order_list[0], order_list[0] + len(order_list))):
+        box.copy_(frames[order_list[0] : order_list[0] + len(order_list)])  # the usual case: consecutive frames
+    else:
+        for t, i in enumerate(order_list):
+            box[t].copy_(frames[i])
+    out.narrow(spatial[0], height, out.shape[spatial[0]] - height).zero_()
+    out.narrow(spatial[0], 0, height).narrow(spatial[1], width, out.shape[spatial[1]] - width).zero_()

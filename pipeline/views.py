@@ -117,7 +117,7 @@ def sample_eval(sample: dict, cfg: DataConfig, rng: np.random.Generator, tokeniz
     augmentation step follows. Text is every caption of the sample (Kmax rows, padded per batch).
     """
     size = _scaled_size(sample["meta"], cfg.size)
-    video, duration = _open(sample, cfg, size=size)
+    video, duration = _open(sample, cfg, size=size, train=False)
     starts = eval_window_starts(duration, _clip_seconds(cfg), cfg.eval_windows)
     fps = cfg.num_frames / max(duration, 1e-6) if cfg.eval_windows == 0 else cfg.fps
     out = _common(sample)
@@ -213,14 +213,27 @@ def _scaled_size(meta: dict, short_side: int) -> tuple[int, int] | None:
     return Vd.short_side_size(h, w, short_side)
 
 
-def _open(sample: dict, cfg: DataConfig, size: tuple[int, int] | None = None) -> tuple[Vd.VideoSource, float]:
+def _open(
+    sample: dict, cfg: DataConfig, size: tuple[int, int] | None = None, train: bool = True
+) -> tuple[Vd.VideoSource, float]:
+    """Open the sample's video: training views as YUV (the device step converts), eval views as RGB."""
+    backend, pixels = decoder_for(cfg.decoder, train)
     try:
-        video = Vd.open_video(sample["video"], cfg.decoder, size=size)
+        video = Vd.open_video(sample["video"], backend, size=size, pixels=pixels)
     except Exception as e:
         raise SampleRejected("video_decode", f"{type(e).__name__}: {e}") from e
     if video.num_frames <= 0 or video.fps <= 0:
         raise SampleRejected("video_decode", f"{video.num_frames} frames at {video.fps} fps")
     return video, video.num_frames / video.fps
+
+
+def decoder_for(decoder: str, train: bool) -> tuple[str, str]:
+    """`(backend, pixels)` for the `decoder` setting: `auto` decodes training views with PyAV to YUV (half of
+    decord's CPU per clip: no colour conversion in the worker, a newer H.264 decoder) and eval views, which
+    want RGB at the model's size, with decord (its scaled RGB output is the cheaper one there)."""
+    if decoder == "auto":
+        decoder = "pyav" if train else "decord"
+    return decoder, "yuv420" if train and decoder == "pyav" else "rgb"
 
 
 def _decode(video: Vd.VideoSource, start: float, cfg: DataConfig, fps: float | None = None) -> Vd.Clip:
@@ -236,10 +249,10 @@ def _common(sample: dict) -> dict:
 
 
 def _video_views(clips: list[Vd.Clip], cfg: DataConfig, rng: np.random.Generator) -> dict:
-    """Each clip's crop box (a `VideoWindow`) and augmentation parameters `video_aug (V, 6)`."""
+    """Each clip's crop box (a `VideoWindow`) and augmentation parameters `video_aug (V, 8)`."""
     windows, params = [], []
     for clip in clips:
-        h, w = clip.frames.shape[1:3]
+        h, w = clip.size
         (top, left, bh, bw), row = Aug.draw_video_view(h, w, cfg.augment, rng)
         windows.append(Vd.VideoWindow(clip, top, left, bh, bw))
         params.append(row)

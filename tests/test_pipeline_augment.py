@@ -21,6 +21,7 @@ def batch_of(frames: list[torch.Tensor], rows: list[list[float]]) -> tuple[torch
         {"video": [V.VideoWindow(V.Clip(f, torch.arange(len(f))), 0, 0, *f.shape[1:3])], "idx": torch.tensor(i)}
         for i, f in enumerate(frames)
     ]
+    rows = [r + [0, 0] if len(r) == 6 else r for r in rows]  # RGB boxes: no chroma offsets
     return collate_rows(views, {})["video"], torch.tensor(rows, dtype=torch.float32).view(len(rows), 1, -1)
 
 
@@ -36,11 +37,11 @@ def test_drawn_boxes_lie_inside_the_frame_with_the_configured_area_and_aspect():
 
 def test_views_without_randomness_are_the_centre_square_unflipped_unjittered():
     box, row = Aug.draw_video_view(48, 80, AugmentConfig(), None)
-    assert box == (0, 16, 48, 48) and row.tolist() == [48, 48, 0, 1, 1, 1]
+    assert box == (0, 16, 48, 48) and row.tolist() == [48, 48, 0, 1, 1, 1, 0, 0]
     box, row = Aug.draw_video_view(48, 80, AugmentConfig(enabled=False), np.random.default_rng(0))
-    assert box == (0, 16, 48, 48) and row.tolist() == [48, 48, 0, 1, 1, 1]
+    assert box == (0, 16, 48, 48) and row.tolist() == [48, 48, 0, 1, 1, 1, 0, 0]
     rows = [Aug.draw_video_view(48, 80, AugmentConfig(flip=True), np.random.default_rng(i))[1] for i in range(200)]
-    assert 60 < sum(r[2] for r in rows) < 140 and all(0.6 <= f <= 1.4 for r in rows for f in r[3:])
+    assert 60 < sum(r[2] for r in rows) < 140 and all(0.6 <= f <= 1.4 for r in rows for f in r[3:6])
 
 
 def test_identity_parameters_resize_and_normalise_with_the_models_contract():
@@ -141,3 +142,47 @@ def test_model_normalises_pixels_itself_and_takes_augmented_input_as_is():
         a = model({"video": pixels})["video@v"]
         b = model({"video": normalised})["video@v"]
     assert torch.allclose(a, b, atol=1e-5)
+
+
+def yuv_frames(t: int, h: int, w: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Smooth, in-gamut YUV 4:2:0 frames (luma 16-235, chroma near grey), as a camera would store them."""
+    g = torch.Generator().manual_seed(seed)
+    luma = torch.randint(40, 200, (t, h, w), generator=g, dtype=torch.uint8)
+    chroma = torch.randint(110, 146, (t, 2, (h + 1) // 2, (w + 1) // 2), generator=g, dtype=torch.uint8)
+    return luma, chroma
+
+
+def yuv_batch(luma, chroma, boxes, rows):
+    """Collate one YUV window per box (top, left, h, w) of the same frames, as the loader does."""
+    clip = V.Clip(luma, torch.arange(len(luma)), chroma)
+    views = [{"video": [V.VideoWindow(clip, *box)], "idx": torch.tensor(i)} for i, box in enumerate(boxes)]
+    batch = collate_rows(views, {})
+    params = [row + [box[0] % 2, box[1] % 2] for box, row in zip(boxes, rows)]
+    return batch, torch.tensor(params, dtype=torch.float32).view(len(boxes), 1, -1)
+
+
+def test_yuv_boxes_at_odd_offsets_convert_exactly_like_the_whole_frame():
+    """Without a resize the device step's output is the whole frame's RGB conversion, cut at the box: the chroma
+    covering an odd top/left box lines up with its luma."""
+    luma, chroma = yuv_frames(3, 21, 30)
+    full = V.yuv420_to_rgb(V.upsample_chroma(luma, chroma, 0, 0).transpose(0, 1).float()).clamp(0, 255)
+    boxes = [(0, 0, 16, 16), (1, 3, 16, 16), (5, 14, 16, 16), (4, 8, 16, 16)]
+    batch, params = yuv_batch(luma, chroma, boxes, [[16, 16, 0, 1, 1, 1]] * 4)
+    assert batch["video"].shape == (4, 1, 1, 3, 16, 16) and batch["video_uv"].shape == (4, 1, 2, 3, 9, 9)
+    out = Aug.augment_video(batch["video"], params, 16, MEAN, STD, batch["video_uv"]) * 255
+    for (top, left, h, w), got in zip(boxes, out[:, 0]):
+        assert torch.allclose(got, full[:, :, top : top + h, left : left + w], atol=1e-3)
+
+
+def test_yuv_boxes_resize_and_convert_like_rgb_frames_within_rounding():
+    luma, chroma = yuv_frames(4, 40, 64, seed=1)
+    rgb = V.Clip(luma, torch.arange(4), chroma).dense().permute(1, 2, 3, 0).contiguous()  # (T, H, W, 3) uint8
+    box, row = (3, 7, 33, 41), [33, 41, 1, 1.2, 0.8, 1.1]
+    batch, params = yuv_batch(luma, chroma, [box], [row])
+    got = Aug.augment_video(batch["video"], params, 24, MEAN, STD, batch["video_uv"])
+    top, left, h, w = box
+    ref_video, ref_params = batch_of([rgb[:, top : top + h, left : left + w].contiguous()], [row])
+    want = Aug.augment_video(ref_video, ref_params, 24, MEAN, STD)
+    diff = (got - want).abs() * 255
+    # Only where rounding happens differs (uint8 resize of YUV vs of RGB, amplified by the conversion and jitter).
+    assert diff.mean() < 1.0 and diff.max() < 6, (diff.mean(), diff.max())

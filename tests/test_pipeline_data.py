@@ -216,14 +216,18 @@ def test_loader_hands_uint8_boxes_and_parameters_until_the_device_step(tiny_data
     cfg = make_cfg(tiny_dataset, tokenizer, views="selflabel", epoch_samples=4, augment=AugmentConfig(where="device"))
     loader = make_train_loader(cfg, rank=0, world_size=1, seed=0)
     batch = next(iter(loader))
-    assert batch["video"].dtype == torch.uint8 and batch["video_aug"].shape == (2, 1, 6)
+    assert batch["video"].dtype == torch.uint8 and batch["video_aug"].shape == (2, 1, 8)
     assert batch["audio_aug"].shape == (2, 1, 5)
     h, w = batch["video_aug"][..., 0].max(), batch["video_aug"][..., 1].max()
     assert batch["video"].shape[-2:] == (h, w) and h <= 64  # the largest box of the batch, stored pixels
+    # Decoded by PyAV (the default for training views): luma and the chroma covering each box, 1.5 bytes a pixel.
+    assert batch["video"].shape[2] == 1 and batch["video_uv"].shape[:4] == (2, 1, 2, 4)
+    assert batch["video_uv"].shape[-2:] == (h // 2 + 1, w // 2 + 1)
     ready = loader.to_device(batch)
     assert ready["video"].shape == (2, 1, 3, 4, 32, 32) and set(ready) == set(batch) - {
         "video_aug",
         "audio_aug",
+        "video_uv",
         "_buffer",
     }
 
@@ -367,7 +371,7 @@ def test_packed_worker_batches_unpack_to_the_same_tensors():
         "idx": torch.tensor([3, 9]),
         "has_audio": torch.tensor([True, False]),
         "text": torch.randint(0, 50, (2, 0, 8)),
-        "video_aug": torch.rand(2, 1, 6),
+        "video_aug": torch.rand(2, 1, 8),
         "meta": [{"a": 1}, {"a": 2}],
     }
     packed = pack_tensors(dict(batch))

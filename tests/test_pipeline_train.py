@@ -244,7 +244,8 @@ def test_training_through_the_batched_augmentation_step_lowers_the_loss(dataset,
     )
     losses = [m["loss"] for m in _metrics(Path(summary["run_dir"]))]
     assert len(losses) == 40 and all(math.isfinite(x) for x in losses)
-    assert sum(losses[-8:]) / 8 < 0.8 * sum(losses[:8]) / 8
+    # last/first eight steps: 0.64-0.84 over seeds 0-3 and both decoders; 1.02-1.29 with lr = 1e-9 (no learning)
+    assert sum(losses[-8:]) / 8 < 0.9 * sum(losses[:8]) / 8
 
 
 def test_periodic_eval_runs_through_the_callback_launch_passes(dataset, tmp_path):

@@ -89,3 +89,58 @@ def test_window_copy_places_the_box_top_left_and_zeroes_the_rest():
     for t, i in enumerate([2, 1, 1, 0]):
         assert torch.equal(out[t, :10, :14], frames[i, 5:15, 8:22])
     assert not out[:, 10:].any() and not out[:, :, 14:].any()
+
+
+def test_pyav_yuv_planes_are_the_frames_decord_converts_to_rgb(mp4):
+    rgb = V.decode_clip(V.open_video(mp4, "decord"), 0.7, 6, 10.0)
+    video = V.open_video(mp4, "pyav", pixels="yuv420")
+    yuv = V.decode_clip(video, 0.7, 6, 10.0)
+    assert yuv.frames.shape == (6, 64, 86) and yuv.chroma.shape == (6, 2, 32, 43)  # 4:2:0, 86 / 2 columns
+    assert yuv.frames.dtype == yuv.chroma.dtype == torch.uint8 and yuv.size == rgb.size == (64, 86)
+    diff = yuv.dense().float() - rgb.dense().float()
+    # The exact BT.601 conversion; libswscale's fixed point reads 1-1.6 levels darker, never more than 4.
+    assert 0 < diff.mean() < 2.0 and diff.abs().max() <= 4
+    other = V.decode_clip(V.open_video(mp4, "pyav", pixels="yuv420"), 2.5, 6, 10.0)
+    assert (other.dense().float() - rgb.dense().float()).abs().mean() > 2 * diff.abs().mean()  # content differs
+    back = yuv.reversed()
+    assert back.chroma is yuv.chroma and torch.equal(back.dense(), yuv.dense().flip(1))
+    assert video.decoded_frames >= 6
+
+
+def test_yuv_needs_pyav_at_the_stored_size_and_pixel_formats_are_checked(mp4):
+    with pytest.raises(ValueError, match="decord decodes to RGB only"):
+        V.open_video(mp4, "decord", pixels="yuv420")
+    with pytest.raises(ValueError, match="stored size only"):
+        V.open_video(mp4, "pyav", size=(32, 43), pixels="yuv420")
+    with pytest.raises(ValueError, match="unknown pixel format 'nv12'"):
+        V.open_video(mp4, "pyav", pixels="nv12")
+
+
+def test_yuv_window_copies_the_luma_box_and_the_chroma_covering_it():
+    luma = torch.randint(1, 256, (3, 20, 30), dtype=torch.uint8)
+    chroma = torch.randint(1, 256, (3, 2, 10, 15), dtype=torch.uint8)
+    window = V.VideoWindow(V.Clip(luma, torch.tensor([2, 1, 0]), chroma), 5, 8, 10, 13)
+    assert window.chroma_box() == (2, 4, 6, 7)  # luma rows 5-14 -> chroma rows 2-7, columns 8-20 -> 4-10
+    out, out_uv = torch.full((3, 12, 16), 7, dtype=torch.uint8), torch.full((3, 2, 7, 9), 7, dtype=torch.uint8)
+    window.write_into(out, out_uv)
+    for t, i in enumerate([2, 1, 0]):
+        assert torch.equal(out[t, :10, :13], luma[i, 5:15, 8:21])
+        assert torch.equal(out_uv[t, :, :6, :7], chroma[i, :, 2:8, 4:11])
+    assert not out[:, 10:].any() and not out[:, :, 13:].any()
+    assert not out_uv[..., 6:, :].any() and not out_uv[..., 7:].any()
+
+
+def test_chroma_upsampling_keeps_each_sample_over_its_two_by_two_pixels_at_odd_offsets():
+    luma = torch.zeros(1, 4, 6, dtype=torch.uint8)
+    chroma = torch.arange(2 * 3 * 4, dtype=torch.uint8).view(1, 2, 3, 4)  # covers luma rows 0-5, columns 0-7
+    full = V.upsample_chroma(torch.zeros(1, 6, 8, dtype=torch.uint8), chroma, 0, 0)  # (T, 3, H, W)
+    assert torch.equal(full[0, 1], chroma[0, 0].repeat_interleave(2, 0).repeat_interleave(2, 1))
+    box = V.upsample_chroma(luma, chroma, 1, 1)  # a 4 x 6 box starting at luma row 1, column 1
+    assert box.shape == (1, 3, 4, 6) and torch.equal(box[0, 1:], full[0, 1:, 1:5, 1:7])
+
+
+def test_yuv_conversion_maps_the_limited_range_to_full_rgb():
+    yuv = torch.tensor([[16.0, 235.0, 81.0], [128.0, 128.0, 90.0], [128.0, 128.0, 240.0]])  # black, white, red
+    rgb = V.yuv420_to_rgb(yuv, dim=0)
+    assert torch.allclose(rgb[:, 0], torch.zeros(3), atol=1e-4) and torch.allclose(rgb[:, 1], torch.full((3,), 255.0))
+    assert rgb[0, 2] > 250 and rgb[1, 2] < 5 and rgb[2, 2] < 5  # BT.601 red

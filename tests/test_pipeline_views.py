@@ -105,8 +105,19 @@ def test_gdt_reversed_views_are_exact_time_flips(raw_samples, tokenizer):
     assert not torch.equal(v[0], v[1])
 
 
-def test_gdt_shifted_view_starts_at_the_shifted_time(raw_samples, tokenizer):
-    cfg = make_cfg(views="gdt", gdt_shift_seconds=1.5)
+def assert_same_clip(got: torch.Tensor, want: torch.Tensor, decoder: str) -> None:
+    """decord's RGB frames match exactly; YUV frames converted by the device step match within the colour
+    conversion's rounding (libswscale's fixed point reads 1-1.6 grey levels darker on average)."""
+    if decoder == "decord":
+        assert torch.allclose(got, want, atol=1e-3)
+    else:
+        diff = (got - want).abs()
+        assert diff.mean() < 2.0 and diff.max() < 12, (diff.mean(), diff.max())
+
+
+@pytest.mark.parametrize("decoder", ["decord", "auto"])
+def test_gdt_shifted_view_starts_at_the_shifted_time(raw_samples, tokenizer, decoder):
+    cfg = make_cfg(views="gdt", gdt_shift_seconds=1.5, decoder=decoder)
     sample = checked(raw_samples[2], cfg)
     out = finished(sample_views(sample, cfg, np.random.default_rng(5), tokenizer), cfg)
     video = V.open_video(sample["video"])
@@ -114,7 +125,7 @@ def test_gdt_shifted_view_starts_at_the_shifted_time(raw_samples, tokenizer):
     t0, t1 = gdt_starts(duration, 0.4, 1.5, np.random.default_rng(5))  # the sampler's first draw
     assert abs(t1 - t0) >= 1.5
     for view, start in ((0, t0), (2, t1)):
-        assert torch.allclose(pixels(out["video"][view]), eval_clip(video, start), atol=1e-3)
+        assert_same_clip(pixels(out["video"][view]), eval_clip(video, start), decoder)
         wav, sr = A.decode_audio(sample["audio"])
         spec = A.log_mel(A.audio_window(wav, sr, start, 0.5), sr, 16, 25.0, 10.0)
         assert torch.allclose(out["audio"][view], spec)
