@@ -9,7 +9,9 @@
 The loader is set up as for a GPU run: workers decode and cut crop boxes, the batched augmentation runs in the
 main process (`augment.where: device`), timed on its own. Prints, for one worker (one core):
 - worker CPU per clip / bare decode CPU per clip (goal <= 1.15), where bare decode is decord's
-  `VideoReader(bytes, num_threads=1).get_batch(indices)` on exactly the frames the view sampler picks;
+  `VideoReader(bytes, num_threads=1).get_batch(indices)` on exactly the frames the view sampler picks (RGB);
+- the same against the loader's own decoder in a plain loop (`--decoder auto`: PyAV to YUV planes), which
+  is the loader's overhead over decoding alone;
 - the augmentation step's ms per clip on this CPU (and on the GPU when CUDA exists);
 - frames decoded per frame used (goal <= 1.6), bytes per clip handed from a worker to the main process;
 - the CPU cores one H100 needs at 35 % MFU to be fed, from the model's FLOPs and the worker CPU per clip;

@@ -172,10 +172,14 @@ def _yuv_clip(frames: list, order: torch.Tensor) -> Clip:
         if frame.format.name != "yuv420p":
             frame = frame.reformat(format="yuv420p")
         y, u, v = frame.planes
-        luma[k] = np.frombuffer(y, np.uint8).reshape(h, y.line_size)[:, :w]
-        chroma[k, 0] = np.frombuffer(u, np.uint8).reshape(ch, u.line_size)[:, :cw]
-        chroma[k, 1] = np.frombuffer(v, np.uint8).reshape(ch, v.line_size)[:, :cw]
+        luma[k] = _plane(y, h, w)
+        chroma[k, 0], chroma[k, 1] = _plane(u, ch, cw), _plane(v, ch, cw)
     return Clip(torch.from_numpy(luma), order, torch.from_numpy(chroma))
+
+
+def _plane(plane, height: int, width: int) -> np.ndarray:
+    """A PyAV plane's `height` x `width` pixels as a view (rows are `line_size` bytes apart)."""
+    return np.frombuffer(plane, np.uint8)[: height * plane.line_size].reshape(height, plane.line_size)[:, :width]
 
 
 def open_video(
@@ -258,15 +262,23 @@ def yuv420_to_rgb(yuv: torch.Tensor, dim: int = 0) -> torch.Tensor:
 
 
 def center_clip(clip: Clip, size: int) -> torch.Tensor:
-    """Eval view of a clip: the centred square of the short side, resized to `size`, as uint8 `(C, T, S, S)`.
+    """Eval view of a clip: the centred square of the short side, resized to `size`, as uint8 RGB `(C, T, S, S)`
+    (a YUV clip converted after the resize, as the training step does).
 
     A clip decoded at the right scale (`open_video(..., size=short_side_size(...))`) is only cropped here.
     """
-    h, w = clip.frames.shape[1:3]
+    h, w = clip.size
     side = min(h, w)
     top, left = center_box(h, w, side)
-    frames = resize_frames(clip.frames[:, top : top + side, left : left + side], size, size)  # (N, S, S, 3)
-    return frames[clip.order].permute(3, 0, 1, 2).contiguous()
+    if clip.chroma is None:
+        frames = resize_frames(clip.frames[:, top : top + side, left : left + side], size, size)  # (N, S, S, 3)
+        return frames[clip.order].permute(3, 0, 1, 2).contiguous()
+    ctop, cleft, ch, cw = VideoWindow(clip, top, left, side, side).chroma_box()
+    luma = clip.frames[:, top : top + side, left : left + side]
+    yuv = upsample_chroma(luma, clip.chroma[:, :, ctop : ctop + ch, cleft : cleft + cw], top % 2, left % 2)
+    yuv = resize_frames(yuv.permute(0, 2, 3, 1), size, size).permute(0, 3, 1, 2).float()  # (N, 3, S, S)
+    rgb = yuv420_to_rgb(yuv, dim=1).round_().clamp_(0, 255).to(torch.uint8)
+    return rgb[clip.order].transpose(0, 1).contiguous()
 
 
 @dataclass

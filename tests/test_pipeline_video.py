@@ -144,3 +144,39 @@ def test_yuv_conversion_maps_the_limited_range_to_full_rgb():
     rgb = V.yuv420_to_rgb(yuv, dim=0)
     assert torch.allclose(rgb[:, 0], torch.zeros(3), atol=1e-4) and torch.allclose(rgb[:, 1], torch.full((3,), 255.0))
     assert rgb[0, 2] > 250 and rgb[1, 2] < 5 and rgb[2, 2] < 5  # BT.601 red
+
+
+def test_a_video_stored_in_another_pixel_format_reaches_the_yuv_path_as_420(tmp_path):
+    """A 4:4:4 H.264 file (not what `vatp data build` writes, but what a shard may hold): PyAV's frames are
+    converted to yuv420p before their planes are taken, and the clip matches decord's RGB within the loss of
+    chroma resolution."""
+    import io
+
+    import av
+    import numpy as np
+
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mp4") as out:
+        stream = out.add_stream("libx264", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv444p"
+        yy, xx = np.mgrid[0:48, 0:64]
+        for t in range(8):
+            rgb = np.stack([xx * 4, yy * 5, np.full_like(xx, 30 * t)], -1).clip(0, 255).astype(np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    data = buf.getvalue()
+    source = V.open_video(data, "pyav", pixels="yuv420")
+    clip = source.get_frames([2, 3, 4])
+    assert clip.frames.shape == (3, 48, 64) and clip.chroma.shape == (3, 2, 24, 32)
+    want = V.open_video(data, "decord").get_frames([2, 3, 4]).dense().float()
+    assert (clip.dense().float() - want).abs().mean() < 3.0
+
+
+def test_center_clip_of_a_yuv_clip_matches_the_centre_of_its_rgb_frames(mp4):
+    yuv = V.decode_clip(V.open_video(mp4, "pyav", pixels="yuv420"), 0.5, 4, 10.0)
+    rgb = V.Clip(yuv.dense().permute(1, 2, 3, 0).contiguous(), torch.arange(4))  # the same frames, converted
+    got, want = V.center_clip(yuv, 32).float(), V.center_clip(rgb, 32).float()
+    assert got.shape == want.shape == (3, 4, 32, 32) and got.dtype == torch.float32
+    assert (got - want).abs().mean() < 0.6 and (got - want).abs().max() <= 4  # resized before vs after converting
