@@ -186,3 +186,12 @@ def test_yuv_boxes_resize_and_convert_like_rgb_frames_within_rounding():
     diff = (got - want).abs() * 255
     # Only where rounding happens differs (uint8 resize of YUV vs of RGB, amplified by the conversion and jitter).
     assert diff.mean() < 1.0 and diff.max() < 6, (diff.mean(), diff.max())
+
+
+def test_float_resize_path_used_on_gpus_matches_the_uint8_cpu_path_for_yuv_boxes():
+    luma, chroma = yuv_frames(4, 50, 70, seed=2)
+    batch, params = yuv_batch(luma, chroma, [(3, 5, 37, 61)], [[37, 61, 1, 1.1, 0.9, 1.2]])
+    args = (batch["video"], params, 24, MEAN, STD, batch["video_uv"])
+    fast, slow = Aug.augment_video(*args, uint8_resize=True), Aug.augment_video(*args, uint8_resize=False)
+    # uint8 rounding of the YUV resize (0.5 level), amplified by the conversion (up to 2x for blue) and the jitter
+    assert (fast - slow).abs().max() * 255 <= 3.5
