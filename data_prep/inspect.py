@@ -60,7 +60,7 @@ class InspectReport:
             f"shards       {self.shards}",
             f"samples      {self.samples} ({self.with_audio} with audio), {self.seconds / 3600:.3f} h",
             f"captions     {self.captions}",
-            f"decoded      {self.decoded} samples checked with decord",
+            f"decoded      {self.decoded} samples checked with decord and PyAV (YUV, the training decoder)",
             f"failures     {self.failures} inputs skipped at build time, {self.kept} kept despite a problem "
             "(failures.jsonl)",
         ]
@@ -253,6 +253,8 @@ def _decode_sample(where: str, files: dict[str, bytes], sample: dict, report: In
         report.errors.append(f"{where}.mp4: {n} frames, json says {sample['num_frames']}")
     if (width, height) != (sample["width"], sample["height"]):
         report.errors.append(f"{where}.mp4: {width}x{height}, json says {sample['width']}x{sample['height']}")
+    if not _pyav_decodes(where, files["mp4"], report):
+        return
     for ext in AUDIO_MEMBERS:
         if ext in files:
             try:
@@ -266,3 +268,29 @@ def _decode_sample(where: str, files: dict[str, bytes], sample: dict, report: In
             elif abs(seconds - sample["duration"]) > AUDIO_TOLERANCE_S + 1.5 / sample["fps"]:
                 report.errors.append(f"{where}.{ext}: {seconds:.3f} s of audio for {sample['duration']:.3f} s of video")
     report.decoded += 1
+
+
+def _pyav_decodes(where: str, mp4: bytes, report: InspectReport) -> bool:
+    """Decode the first and last frames the way training does (PyAV, YUV planes), and check that the video starts
+    where the chunk does: a stream stored with a late start (older builds, from sources whose first frames did
+    not decode) shows its first picture at 0 in every decoder while its audio and captions start earlier."""
+    import av
+
+    from pipeline.video import open_video
+
+    try:
+        with av.open(io.BytesIO(mp4)) as container:
+            stream = container.streams.video[0]
+            late = float(stream.start_time * stream.time_base) if stream.start_time else 0.0
+        video = open_video(mp4, "pyav", pixels="yuv420")
+        video.get_frames(list(range(min(3, video.num_frames))))
+        video.get_frames([video.num_frames - 1])
+    except Exception as e:  # PyAV's errors, and the source's ValueError for frames it could not find
+        report.errors.append(f"{where}.mp4: PyAV (the training decoder) cannot decode it ({e})")
+        return False
+    if late > 0:
+        report.errors.append(
+            f"{where}.mp4: the video stream starts at {late:.3f} s, so its audio and captions lead the picture by "
+            f"{late:.3f} s (written by an older vatp): rebuild the dataset"
+        )
+    return True

@@ -1,23 +1,28 @@
 """Probe a source video (PyAV) and canonicalise one chunk of it (ffmpeg): the media half of `vatp data build`.
 
 Every call on an untrusted file either returns a result or raises `MediaError(reason, detail)`; ffmpeg runs
-as an argv list with a timeout, in a temporary directory that is removed whatever happens.
+as an argv list with a timeout, in a temporary directory that is removed whatever happens. The one exception is
+storage: a temporary folder that is full or read-only fails every chunk alike, so it raises `StorageError` and
+stops the build instead of being counted against each chunk.
 """
 
 from __future__ import annotations
 
+import errno
 import glob
 import io
+import math
 import os
 import shutil
 import subprocess
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 
 import av
 import imageio_ffmpeg
 import soundfile
+from av.video.reformatter import ColorPrimaries, ColorTrc
 
 # Failure reasons (also the keys of `failed` in stats and in the build summary).
 EMPTY_FILE = "empty_file"
@@ -31,6 +36,11 @@ TRANSCODE_TIMEOUT = "transcode_timeout"
 
 TEMP_PREFIX = "vatp-chunk-"  # + the worker's pid, so a later run can tell leftovers of killed workers
 
+# Every stored clip is BT.601 YUV in limited ("tv") range, whatever the source's matrix and range: the one
+# encoding `pipeline.video.yuv420_to_rgb` (the training step's conversion) is right for. Recorded in dataset.json.
+CANONICAL_COLOR = "bt601-tv"
+STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)  # the temporary folder cannot take ffmpeg's output
+
 
 class MediaError(Exception):
     """A source (or one chunk of it) that cannot become a sample; `reason` is one of the constants above."""
@@ -39,6 +49,11 @@ class MediaError(Exception):
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
+
+
+class StorageError(OSError):
+    """The temporary folder is full or read-only (`errno` ENOSPC, EDQUOT or EROFS; `filename` is the folder): no
+    chunk can be written there, so the build stops instead of failing each chunk."""
 
 
 @dataclass(frozen=True)
@@ -53,7 +68,10 @@ class MediaInfo:
     frames: int  # from the container header; 0 when the container does not say
     rotation: int
     has_audio: bool
-    video_start: float = 0.0  # seconds from the container's start to the video stream's (audio may come first)
+    # Seconds from the container's start to the first decodable frame: audio may come first, and a stream cut
+    # mid-GOP (a recording joined late) holds frames that cannot be decoded before its first keyframe.
+    video_start: float = 0.0
+    color: dict = field(default_factory=dict)  # the source's colour tags (`_color_tags`); clips are CANONICAL_COLOR
 
 
 @dataclass(frozen=True)
@@ -96,8 +114,7 @@ def probe_media(path: str) -> MediaInfo:
         if stream.codec_context.name in ("png", "mjpeg", "bmp", "gif", "webp") and (stream.frames or 0) <= 1:
             raise MediaError(NOT_MEDIA, f"a still image ({stream.codec_context.name})")
         first = _first_frame(container, stream)
-        duration = _duration(container, stream)
-        video_start = _video_start(container, stream)
+        video_start, duration = _video_span(container, stream, first)
         rate = stream.average_rate or stream.guessed_rate or Fraction(0)
         return MediaInfo(
             duration=duration,
@@ -109,6 +126,7 @@ def probe_media(path: str) -> MediaInfo:
             rotation=int(getattr(first, "rotation", 0) or 0),
             has_audio=bool(container.streams.audio),
             video_start=video_start,
+            color=_color_tags(first),
         )
 
 
@@ -121,20 +139,48 @@ def _first_frame(container, stream) -> av.VideoFrame:
     raise MediaError(NO_FRAMES, "no decodable video frame")
 
 
-def _duration(container, stream) -> float:
-    if stream.duration is not None and stream.time_base is not None:
-        return float(stream.duration * stream.time_base)
-    if container.duration is not None:
-        return container.duration / av.time_base
-    raise MediaError(UNREADABLE, "unknown duration")
+def _video_span(container, stream, first: av.VideoFrame) -> tuple[float, float]:
+    """(start, duration) of the decodable video: seconds from the container's start (ffmpeg's `-ss` counts from
+    there) to the first decodable frame, and from that frame to the stream's end.
 
-
-def _video_start(container, stream) -> float:
-    """How long after the container's start the video begins (ffmpeg's `-ss` counts from the container's start)."""
-    if stream.start_time is None or stream.time_base is None:
-        return 0.0
+    The start is rounded down to the microsecond, so a chunk starting there never drops that frame.
+    """
     origin = container.start_time / av.time_base if container.start_time is not None else 0.0
-    return round(max(0.0, float(stream.start_time * stream.time_base) - origin), 6)
+    tb = stream.time_base
+    stream_start = float(stream.start_time * tb) if stream.start_time is not None and tb is not None else origin
+    first_time = float(first.pts * tb) if first.pts is not None and tb is not None else stream_start
+    if stream.duration is not None and tb is not None:
+        end = stream_start + float(stream.duration * tb)
+    elif container.duration is not None:
+        end = origin + container.duration / av.time_base
+    else:
+        raise MediaError(UNREADABLE, "unknown duration")
+    start = math.floor(max(0.0, first_time - origin) * 1e6) / 1e6
+    return start, round(end - origin - start, 6)
+
+
+_SPACES = {0: "gbr", 1: "bt709", 2: "unknown", 4: "fcc", 5: "bt470bg", 6: "smpte170m", 7: "smpte240m", 8: "ycgco"}
+_SPACES.update({9: "bt2020nc", 10: "bt2020c", 11: "smpte2085", 14: "ictcp"})
+
+
+def _color_tags(frame: av.VideoFrame) -> dict:
+    """A decoded frame's colour description in ffmpeg's words (`yuv420p(tv, bt709/bt709/bt709)` in its logs)."""
+    return {
+        "pix_fmt": frame.format.name,
+        "space": _SPACES.get(frame.colorspace, str(frame.colorspace)),
+        "range": {1: "tv", 2: "pc"}.get(frame.color_range, "unknown"),
+        "primaries": _enum_name(ColorPrimaries, frame.color_primaries),
+        "trc": _enum_name(ColorTrc, frame.color_trc),
+    }
+
+
+def _enum_name(enum, value: int) -> str:
+    if value == 2:  # AVCOL_PRI_UNSPECIFIED and AVCOL_TRC_UNSPECIFIED
+        return "unknown"
+    try:
+        return enum(value).name.lower().replace("_", "-")
+    except ValueError:
+        return str(value)
 
 
 def ffmpeg_argv(
@@ -151,14 +197,28 @@ def ffmpeg_argv(
 ) -> list[str]:
     """The single ffmpeg call that turns `[start, start+duration)` of `path` into the canonical video (+audio).
 
-    One decode feeds both outputs. Auto-rotation (ffmpeg's default) runs before the scale filter, so
-    `iw`/`ih` are the upright sizes; `-2` keeps the aspect ratio with an even size for yuv420p.
+    One decode feeds both outputs. Video filters, in order:
+    - `fps` with `start_time=0`: constant frame rate, and a picture from the chunk's first instant on. Where the
+      source's first frame comes after the cut (a chunk start between two frames, a stream whose first
+      frames do not decode), the first frame is repeated back to 0 instead of the mp4 storing a late start;
+      a chunk that starts on a frame comes out as without it.
+    - `scale` to the display size (`dar` = iw / ih * sar, so anamorphic pixels are widened), short side
+      `short_side`, both sides even; auto-rotation (ffmpeg's default) runs before it, so sizes are upright.
+      The same swscale pass converts the source's matrix and range (read from each frame's tags; untagged =
+      BT.601 limited, as every decoder assumes) to BT.601 limited range (`CANONICAL_COLOR`).
+    - `setsar=1`, `format=yuv420p`, and `setparams` to tag the result as BT.601 (smpte170m) limited range.
+      Primaries and transfer are not converted (an HLG source keeps its curve, as every RGB decoder shows it)
+      and keep their tags.
     """
     gop = str(max(1, round(fps)))
-    scale = f"scale=w='if(lte(iw,ih),{short_side},-2)':h='if(lte(iw,ih),-2,{short_side})'"
+    portrait = "lte(dar,1)"
+    width = f"if({portrait},{short_side},2*round({short_side}*dar/2))"
+    height = f"if({portrait},2*round({short_side}/dar/2),{short_side})"
+    scale = f"scale=w='{width}':h='{height}':out_color_matrix=bt601:out_range=tv"
+    video_filter = f"fps={fps}:start_time=0,{scale},setsar=1,format=yuv420p,setparams=colorspace=smpte170m:range=tv"
     argv = [imageio_ffmpeg.get_ffmpeg_exe(), "-nostdin", "-hide_banner", "-loglevel", "error", "-y"]
     argv += ["-threads", "1", "-filter_threads", "1", "-ss", f"{start:.6f}", "-t", f"{duration:.6f}", "-i", path]
-    argv += ["-map", "0:v:0", "-an", "-sn", "-dn", "-vf", f"fps={fps},{scale},setsar=1,format=yuv420p"]
+    argv += ["-map", "0:v:0", "-an", "-sn", "-dn", "-vf", video_filter]
     argv += ["-c:v", "libx264", "-preset", "veryfast", "-crf", "23", "-bf", "0", "-g", gop, "-keyint_min", gop]
     argv += ["-sc_threshold", "0", "-threads", "1", "-map_metadata", "-1", "-map_chapters", "-1"]
     argv += ["-fflags", "+bitexact", "-flags:v", "+bitexact", "-movflags", "+faststart", video_out]
@@ -186,34 +246,27 @@ def transcode_chunk(
     audio_format: str,
     timeout: float,
 ) -> ChunkMedia:
-    """Canonicalise one chunk of `path` (see DESIGN.md "Dataset on disk") and measure the result."""
-    with tempfile.TemporaryDirectory(prefix=f"{TEMP_PREFIX}{os.getpid()}-") as tmp:
-        video_out = os.path.join(tmp, "video.mp4")
-        audio_out = os.path.join(tmp, f"audio.{audio_format}") if has_audio else None
-        argv = ffmpeg_argv(
+    """Canonicalise one chunk of `path` (see DESIGN.md "Dataset on disk") and measure the result.
+
+    Raises `MediaError` for a chunk that cannot become a sample, `StorageError` where the temporary folder
+    cannot take the output (full, over quota, read-only), which no other chunk would survive either.
+    """
+    try:
+        video, audio = _run_ffmpeg(
             path,
             start,
             duration,
-            video_out,
-            audio_out,
+            has_audio,
+            timeout,
             fps=fps,
             short_side=short_side,
             sample_rate=sample_rate,
             audio_format=audio_format,
         )
-        try:
-            done = subprocess.run(argv, capture_output=True, timeout=timeout, check=False)
-        except subprocess.TimeoutExpired:
-            raise MediaError(TRANSCODE_TIMEOUT, f"ffmpeg ran past {timeout:g} s") from None
-        if done.returncode != 0:
-            stderr = done.stderr.decode("utf-8", "replace").strip()
-            raise MediaError(TRANSCODE_FAILED, f"ffmpeg exit {done.returncode}: {stderr[-400:]}")
-        with open(video_out, "rb") as f:
-            video = f.read()
-        audio = None
-        if audio_out is not None and os.path.exists(audio_out) and os.path.getsize(audio_out) > 0:
-            with open(audio_out, "rb") as f:
-                audio = f.read()
+    except OSError as e:
+        if e.errno in STORAGE_ERRNOS and not isinstance(e, StorageError):
+            raise _storage_error(e.errno) from e
+        raise
     num_frames, width, height = _measure_video(video)
     if num_frames < 1:
         raise MediaError(NO_FRAMES, f"no output frame at {fps:g} fps in [{start:.3f}, {start + duration:.3f}) s")
@@ -224,6 +277,36 @@ def transcode_chunk(
         if info.frames == 0:
             audio = None  # the audio track ended before this chunk: treat the chunk as silent-less
     return ChunkMedia(video, audio, fps, num_frames, width, height, audio_seconds)
+
+
+def _run_ffmpeg(path: str, start: float, duration: float, has_audio: bool, timeout: float, **canon):
+    """(video bytes, audio bytes or None) of one ffmpeg run in a fresh temporary folder."""
+    with tempfile.TemporaryDirectory(prefix=f"{TEMP_PREFIX}{os.getpid()}-") as tmp:
+        video_out = os.path.join(tmp, "video.mp4")
+        audio_out = os.path.join(tmp, f"audio.{canon['audio_format']}") if has_audio else None
+        argv = ffmpeg_argv(path, start, duration, video_out, audio_out, **canon)
+        try:
+            done = subprocess.run(argv, capture_output=True, timeout=timeout, check=False)
+        except subprocess.TimeoutExpired:
+            raise MediaError(TRANSCODE_TIMEOUT, f"ffmpeg ran past {timeout:g} s") from None
+        if done.returncode != 0:
+            stderr = done.stderr.decode("utf-8", "replace").strip()
+            for code in STORAGE_ERRNOS:  # ffmpeg exits with -errno, and says so
+                if done.returncode == 256 - code or os.strerror(code) in stderr:
+                    raise _storage_error(code)
+            raise MediaError(TRANSCODE_FAILED, f"ffmpeg exit {done.returncode}: {stderr[-400:]}")
+        with open(video_out, "rb") as f:
+            video = f.read()
+        audio = None
+        if audio_out is not None and os.path.exists(audio_out) and os.path.getsize(audio_out) > 0:
+            with open(audio_out, "rb") as f:
+                audio = f.read()
+    return video, audio
+
+
+def _storage_error(code: int) -> StorageError:
+    why = "cannot write transcoded chunks to the temporary folder (free space there or point TMPDIR at"
+    return StorageError(code, f"{os.strerror(code)}: {why} another folder, then re-run)", tempfile.gettempdir())
 
 
 def trim_audio(data: bytes, seconds: float, audio_format: str) -> bytes:

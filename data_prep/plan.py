@@ -74,8 +74,9 @@ def make_plan(pool: CrashSafePool, sources: SourceList, out: Path, prep: dict, *
         if "reason" in probe:
             failures.append(Failure(it.path, probe["reason"], probe["detail"]))
             continue
-        # The video stream may start after the container does (audio first): chunks start at its first frame,
-        # so the audio of every chunk is cut from the same instant as its video.
+        # The first decodable frame may come after the container starts (audio first, or a stream cut mid-GOP
+        # whose frames before its first keyframe do not decode): chunks start at that frame, so the audio of
+        # every chunk is cut from the same instant as its video. `duration` counts from that frame too.
         first = probe.get("video_start", 0.0)
         lo = max(first, it.start or 0.0)
         hi = min(first + probe["duration"], it.end) if it.end is not None else first + probe["duration"]

@@ -6,10 +6,13 @@ tensors on `source.device`, plus the order that lays them out as the clip. Nothi
 batch's window copy, the device augmentation) cares which device the frames are on.
 
 Frames come in one of two pixel formats (`PIXELS`): `rgb` (`(N, H, W, 3)`) or `yuv420`, the decoder's own
-output before any colour conversion: luma `(N, H, W)` and the two chroma planes at half resolution
-`(N, 2, H/2, W/2)` (what H.264 stores and what a GPU decoder hands over). Converting to RGB costs a CPU about
-as much as decoding itself (libswscale, per frame), so training views travel as YUV and the batched device step
-converts them after the crop and resize (`yuv420_to_rgb`); eval views are RGB at the model's size.
+output before any conversion to RGB: luma `(N, H, W)` and the two chroma planes at half resolution
+`(N, 2, H/2, W/2)` (what H.264 stores and what a GPU decoder hands over), always BT.601 limited range. Converting
+to RGB costs a CPU about as much as decoding itself (libswscale, per frame), so training views travel as YUV and
+the batched device step converts them after the crop and resize (`yuv420_to_rgb`, BT.601); eval views are RGB at
+the model's size. `vatp data build` stores every clip in BT.601 limited range; a clip from an older build that is
+tagged with another matrix (BT.709, BT.2020) or full range is converted to it by the YUV decoder, so the device
+step's formula holds for every clip. RGB output honours the tags itself.
 
 Two CPU decoders sit behind it: decord (RGB only; one decoder thread, fault tolerance on, frames handed over
 through DLPack without a copy) and PyAV (RGB or YUV; a newer FFmpeg whose H.264 decoding costs about half of
@@ -20,6 +23,7 @@ model's size without a resize pass of their own.
 from __future__ import annotations
 
 import io
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,6 +35,15 @@ PIXELS = ("rgb", "yuv420")
 # decord raises once more than 1 % of a video's frames had to be "recovered" (duplicated) instead of
 # silently handing us repeated frames; its default (-1) never raises.
 DECORD_FAULT_TOL = 0.01
+# Scaled sizes at which decord's RGB output could not be copied out (its frames came with padded rows: widths
+# 1-4, 6, 8, 12, 16, 24, 48 and 72 in decord 0.6.0, any height); later videos at these sizes are decoded at their
+# stored size and resized instead of failing first.
+_DECORD_UNSCALABLE: set[tuple[int, int]] = set()
+# AVColorSpace values that mean the BT.601 matrix: unspecified (what every decoder then assumes), bt470bg, smpte170m.
+_BT601_SPACES = (2, 5, 6)
+_FULL_RANGE = 2  # AVCOL_RANGE_JPEG
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -85,15 +98,24 @@ class VideoSource:
 
 
 class DecordSource(VideoSource):
+    """decord, RGB only. Scaled decoding (`size`) falls back to decoding at the stored size plus `resize_frames`
+    for the sizes decord's own scaling cannot hand over (`_DECORD_UNSCALABLE`)."""
+
     def __init__(self, data: bytes, size: tuple[int, int] | None = None):
+        self._data = data
+        self._resize = tuple(size) if size is not None and tuple(size) in _DECORD_UNSCALABLE else None
+        self._vr = self._reader(None if self._resize else size)
+        self._size = size
+        self.fps = float(self._vr.get_avg_fps())
+        self.num_frames = len(self._vr)
+        self._spans: list[tuple[int, int]] = []  # (first, last) wanted frame of each call
+
+    def _reader(self, size: tuple[int, int] | None):
         import decord
 
         h, w = size or (-1, -1)
         # One decoder thread per DataLoader worker: more threads per reader barely help (performance.md §2.2).
-        self._vr = decord.VideoReader(io.BytesIO(data), num_threads=1, fault_tol=DECORD_FAULT_TOL, width=w, height=h)
-        self.fps = float(self._vr.get_avg_fps())
-        self.num_frames = len(self._vr)
-        self._spans: list[tuple[int, int]] = []  # (first, last) wanted frame of each call
+        return decord.VideoReader(io.BytesIO(self._data), num_threads=1, fault_tol=DECORD_FAULT_TOL, width=w, height=h)
 
     @property
     def decoded_frames(self) -> int:
@@ -109,8 +131,28 @@ class DecordSource(VideoSource):
     def get_frames(self, indices: list[int]) -> Clip:
         wanted, order = _distinct(indices)
         self._spans.append((wanted[0], wanted[-1]))
-        batch = self._vr.get_batch(wanted)  # decord NDArray (N, H, W, 3)
-        return Clip(torch.utils.dlpack.from_dlpack(batch.to_dlpack()), order)  # shares decord's buffer: no copy
+        try:
+            batch = self._vr.get_batch(wanted)  # decord NDArray (N, H, W, 3)
+        except Exception as e:  # decord.DECORDError; its module is imported lazily
+            if self._size is None or self._resize is not None or "size must exactly match" not in str(e):
+                raise
+            self._unscalable()
+            batch = self._vr.get_batch(wanted)
+        frames = torch.utils.dlpack.from_dlpack(batch.to_dlpack())  # shares decord's buffer: no copy
+        if self._resize is not None:
+            frames = resize_frames(frames, *self._resize)
+        return Clip(frames, order)
+
+    def _unscalable(self) -> None:
+        """decord decoded at `size` but could not copy the frames out: decode at the stored size from now on."""
+        size = tuple(self._size)
+        if size not in _DECORD_UNSCALABLE:
+            log.warning(
+                "decord cannot hand over frames scaled to %s (h, w); decoding at the stored size and resizing", size
+            )
+        _DECORD_UNSCALABLE.add(size)
+        self._resize = size
+        self._vr = self._reader(None)
 
 
 class PyAVSource(VideoSource):
@@ -131,6 +173,9 @@ class PyAVSource(VideoSource):
             duration = float(self._container.duration or 0) / 1_000_000
             frames = int(round(duration * self.fps))
         self.num_frames = int(frames)
+        # Frame i is the one shown i / fps after the stream's first frame: a clip from an older build whose stream
+        # starts late (undecodable leading frames) has frames 0, 1, ... as decord counts them.
+        self._origin = self._stream.start_time or 0
         self._scale = {} if size is None else {"height": size[0], "width": size[1], "interpolation": "BILINEAR"}
         self._yuv = pixels == "yuv420"
         self.decoded_frames = 0
@@ -140,11 +185,12 @@ class PyAVSource(VideoSource):
         first, last = wanted[0], wanted[-1]
         want = set(wanted)
         tb = self._stream.time_base
-        self._container.seek(int(first / self.fps / tb), stream=self._stream, backward=True, any_frame=False)
+        target = self._origin + int(first / self.fps / tb)
+        self._container.seek(target, stream=self._stream, backward=True, any_frame=False)
         got: dict = {}
         for frame in self._container.decode(self._stream):
             self.decoded_frames += 1
-            i = int(round(float(frame.pts * tb) * self.fps))
+            i = int(round(float((frame.pts - self._origin) * tb) * self.fps))
             if i in want:
                 got[i] = frame if self._yuv else frame.to_ndarray(format="rgb24", **self._scale)
             if i >= last:
@@ -163,18 +209,25 @@ class PyAVSource(VideoSource):
 
 def _yuv_clip(frames: list, order: torch.Tensor) -> Clip:
     """Luma and chroma planes of PyAV frames copied straight out of the decoder's buffers (row padding
-    dropped); a frame stored in another pixel format is first converted to yuv420p."""
+    dropped); a frame in another pixel format, matrix or range is first converted to BT.601 limited yuv420p."""
     h, w = frames[0].height, frames[0].width
     ch, cw = (h + 1) // 2, (w + 1) // 2
     luma = np.empty((len(frames), h, w), dtype=np.uint8)
     chroma = np.empty((len(frames), 2, ch, cw), dtype=np.uint8)
     for k, frame in enumerate(frames):
-        if frame.format.name != "yuv420p":
-            frame = frame.reformat(format="yuv420p")
-        y, u, v = frame.planes
+        y, u, v = bt601_yuv420(frame).planes
         luma[k] = _plane(y, h, w)
         chroma[k, 0], chroma[k, 1] = _plane(u, ch, cw), _plane(v, ch, cw)
     return Clip(torch.from_numpy(luma), order, torch.from_numpy(chroma))
+
+
+def bt601_yuv420(frame):
+    """A PyAV frame as yuv420p with the BT.601 matrix in limited range (what `yuv420_to_rgb` assumes): the frame
+    itself when it is already that (every clip `vatp data build` writes), else a converted copy (libswscale
+    reads the frame's own tags: a BT.709, BT.2020 or full-range clip from an older build, a 4:4:4 or 10-bit one)."""
+    if frame.format.name == "yuv420p" and frame.colorspace in _BT601_SPACES and frame.color_range != _FULL_RANGE:
+        return frame
+    return frame.reformat(format="yuv420p", dst_colorspace="itu601", dst_color_range="MPEG")
 
 
 def _plane(plane, height: int, width: int) -> np.ndarray:
@@ -252,8 +305,11 @@ def upsample_chroma(luma: torch.Tensor, chroma: torch.Tensor, top_odd: int, left
 
 
 def yuv420_to_rgb(yuv: torch.Tensor, dim: int = 0) -> torch.Tensor:
-    """Float YUV (BT.601, limited range: what H.264 stores and libswscale assumes by default) along `dim` ->
-    float RGB in [0, 255] (not clamped: the caller clamps once after its own float work)."""
+    """Float YUV along `dim` -> float RGB in [0, 255] (not clamped: the caller clamps once after its own float work).
+
+    The BT.601 matrix in limited range, exactly: what every clip holds (`vatp data build` converts each source
+    to it, and `PyAVSource` converts clips of older builds tagged otherwise). H.264 itself can carry any matrix
+    and range; this formula is only right because of that canonical form."""
     y, u, v = yuv.unbind(dim)
     y = (y - 16) * (255 / 219)
     u = (u - 128) * (255 / 224)

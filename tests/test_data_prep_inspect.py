@@ -179,3 +179,32 @@ def test_decode_spreads_over_every_shard(copy):
     assert report.decoded == 3 and len(undecodable) == 1 and undecodable[0].startswith("000003.tar:000000006.mp4")
     assert inspect_dataset(copy, decode=4).errors == report.errors  # deterministic
     assert inspect_dataset(copy, decode=100).decoded == 7  # asked for more than there are: all but the broken one
+
+
+def test_decode_reports_a_video_stream_that_starts_late(copy, tmp_path):
+    """A sample as older builds wrote it from a source whose first frames did not decode: the mp4's video starts
+    at 1.12 s, so every decoder's frame 0 comes 1.12 s after audio sample 0. Decoding alone cannot tell."""
+    import subprocess
+
+    import imageio_ffmpeg
+
+    path = copy / "shards" / "000000.tar"
+    members = _members(path)
+    (tmp_path / "clip.mp4").write_bytes(members["000000000.mp4"])
+    argv = [
+        imageio_ffmpeg.get_ffmpeg_exe(),
+        "-loglevel",
+        "error",
+        "-itsoffset",
+        "1.12",
+        "-i",
+        str(tmp_path / "clip.mp4"),
+    ]
+    subprocess.run([*argv, "-c", "copy", str(tmp_path / "late.mp4")], check=True, timeout=60)
+    members["000000000.mp4"] = (tmp_path / "late.mp4").read_bytes()
+    _rewrite(path, members)
+    report = inspect_dataset(copy, decode=1)
+    assert report.decoded == 1  # decord and PyAV decode it (PyAV counts frames from the stream's first)
+    (late,) = [e for e in report.errors if "starts at" in e]
+    assert late.startswith("000000.tar:000000000.mp4: the video stream starts at 1.120 s")
+    assert "lead the picture by 1.120 s" in late and "rebuild" in late

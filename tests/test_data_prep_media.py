@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import glob
 import io
 import os
@@ -117,10 +119,13 @@ def test_transcode_applies_rotation_so_frames_are_upright(clips):
 
 
 def test_transcode_converts_other_codecs(clips):
-    got = media.transcode_chunk(str(clips / "mpeg4.avi"), 0.0, 2.0, has_audio=False, **CANON)
+    info = media.probe_media(str(clips / "mpeg4.avi"))
+    # AVI with B-frames stamps its first frame 0.1 s: the plan's chunk starts there, 1.9 s long.
+    assert (info.video_start, info.duration) == pytest.approx((0.1, 1.9))
+    got = media.transcode_chunk(str(clips / "mpeg4.avi"), info.video_start, info.duration, has_audio=False, **CANON)
     with av.open(io.BytesIO(got.video)) as c:
-        assert c.streams.video[0].codec_context.name == "h264"
-    assert got.audio is None and got.num_frames == 16
+        assert c.streams.video[0].codec_context.name == "h264" and c.streams.video[0].start_time == 0
+    assert got.audio is None and got.num_frames == 15  # 1.9 s at 8 fps
 
 
 def test_transcode_wav_output(clips):
@@ -166,8 +171,62 @@ def test_ffmpeg_argv_is_a_list_with_the_canonical_settings():
         "+faststart",
         "-map_metadata -1",
         "-ss 1.500000",
+        "fps=16:start_time=0",
+        "out_color_matrix=bt601:out_range=tv",
+        "setparams=colorspace=smpte170m:range=tv",
     ):
         assert flag in joined, flag
+
+
+@pytest.mark.parametrize("rotate", [False, True])
+def test_transcode_stores_anamorphic_sources_at_their_display_aspect(tmp_path, rotate):
+    """720 x 576 at SAR 64:45 is 1024 x 576 on screen (16:9): stored 56 x 32 with square pixels (not 40 x 32),
+    and upright 32 x 56 when the file says to rotate it."""
+    path = tmp_path / "pal.mp4"
+    _ffmpeg("-f", "lavfi", "-i", "testsrc2=size=720x576:rate=10:duration=0.5", "-vf", "setsar=64/45", str(path))
+    if rotate:
+        _ffmpeg("-display_rotation", "90", "-i", str(path), "-c", "copy", str(tmp_path / "rotated.mp4"))
+        path = tmp_path / "rotated.mp4"
+    got = media.transcode_chunk(str(path), 0.0, 0.5, has_audio=False, **CANON)
+    assert (got.width, got.height) == ((32, 56) if rotate else (56, 32))
+    with av.open(io.BytesIO(got.video)) as c:
+        assert c.streams.video[0].sample_aspect_ratio in (None, 1)
+
+
+@contextlib.contextmanager
+def _tmpfs(path, *options: str):
+    """A small tmpfs at `path` (root only; the test is skipped where it cannot be mounted)."""
+    path.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join(options), "tmpfs", str(path)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode(errors='replace').strip() or done.returncode}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
+
+
+@pytest.mark.parametrize("problem", ["full", "read_only"])
+def test_a_full_or_read_only_temp_folder_stops_the_build_with_one_error(clips, tmp_path, monkeypatch, problem):
+    """Every chunk would fail alike: the build stops with one OSError naming the folder, and writes no shard
+    (before: each chunk counted as transcode_failed and the build finished with empty shards)."""
+    from data_prep.build import build_dataset
+
+    options = ["size=1m"] + (["ro"] if problem == "read_only" else [])
+    with _tmpfs(tmp_path / "tmp", *options) as tmp:
+        if problem == "full":
+            (tmp / "filler").write_bytes(b"\0" * (1024 * 1024 - 16 * 1024))  # 16 kB left: not one chunk's output
+        monkeypatch.setenv("TMPDIR", str(tmp))
+        monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+        src = tmp_path / "src"
+        src.mkdir()
+        (src / "a.mp4").symlink_to(clips / "av.mp4")
+        with pytest.raises(OSError) as e:
+            build_dataset(src, tmp_path / "ds", fps=8, short_side=32, workers=1)
+    assert e.value.errno == (errno.ENOSPC if problem == "full" else errno.EROFS) and e.value.filename == str(tmp)
+    assert isinstance(e.value, media.StorageError) and "\n" not in str(e.value)  # the CLI prints it as one line
+    assert e.value.strerror.startswith(os.strerror(e.value.errno)) and "TMPDIR" in e.value.strerror
+    assert not list((tmp_path / "ds" / "shards").glob("*.tar")) and not (tmp_path / "ds" / "dataset.json").exists()
 
 
 def test_sweep_removes_only_temp_dirs_of_dead_processes():

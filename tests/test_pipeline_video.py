@@ -180,3 +180,115 @@ def test_center_clip_of_a_yuv_clip_matches_the_centre_of_its_rgb_frames(mp4):
     got, want = V.center_clip(yuv, 32).float(), V.center_clip(rgb, 32).float()
     assert got.shape == want.shape == (3, 4, 32, 32) and got.dtype == torch.float32
     assert (got - want).abs().mean() < 0.6 and (got - want).abs().max() <= 4  # resized before vs after converting
+
+
+def _ffmpeg(*args: str) -> bytes:
+    import subprocess
+
+    import imageio_ffmpeg
+
+    argv = [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-y", *args]
+    return subprocess.run(argv, check=True, timeout=60, capture_output=True).stdout
+
+
+def test_legacy_clips_tagged_with_another_matrix_or_range_reach_the_yuv_path_as_bt601_limited(tmp_path):
+    """Clips as builds before canonical colour stored them (the source's matrix and range kept, tagged): the YUV
+    decoder converts them to BT.601 limited range, so `yuv420_to_rgb` gives what ffmpeg shows for the clip."""
+    import numpy as np
+
+    tags = {
+        "untagged": "format=yuv420p,setparams=colorspace=unknown:range=unknown",
+        "bt709": "scale=out_color_matrix=bt709:out_range=tv,format=yuv420p,setparams=colorspace=bt709:range=tv",
+        "full": "scale=out_color_matrix=bt601:out_range=pc,format=yuv420p,setparams=range=pc",
+    }
+    errors = {}
+    for name, vf in tags.items():
+        path = str(tmp_path / f"{name}.mp4")
+        _ffmpeg("-f", "lavfi", "-i", "smptebars=size=96x64:rate=8:duration=0.5", "-vf", vf, "-c:v", "libx264", path)
+        raw = _ffmpeg("-i", path, "-vf", "format=rgb24", "-f", "rawvideo", "-")
+        want = torch.from_numpy(np.frombuffer(raw, np.uint8).reshape(-1, 64, 96, 3).copy()).float()
+        with open(path, "rb") as f:
+            clip = V.open_video(f.read(), "pyav", pixels="yuv420").get_frames([0, 1, 2, 3])
+        assert clip.frames.shape == (4, 64, 96) and clip.chroma.shape == (4, 2, 32, 48)
+        errors[name] = (clip.dense().permute(1, 2, 3, 0).float() - want[:4]).abs().mean().item()
+    assert errors["untagged"] < 1.5, errors
+    # Without the conversion: BT.709 read as BT.601 is ~8.5 levels off, full range ~5 (contrast x1.04).
+    assert errors["bt709"] < errors["untagged"] + 0.5 and errors["full"] < errors["untagged"] + 0.5, errors
+
+
+def test_canonical_frames_reach_the_yuv_path_untouched():
+    frame = __import__("av").VideoFrame(16, 8, "yuv420p")
+    assert V.bt601_yuv420(frame) is frame  # untagged: BT.601 limited for every decoder, no conversion pass
+
+
+def test_a_stream_that_starts_late_is_indexed_from_its_first_frame_by_both_decoders(mp4, tmp_path):
+    """A clip whose video stream starts after 0 (older builds, from sources whose first frames did not decode):
+    PyAV counts frames from the stream's first one, as decord does, instead of missing frames 0, 1, ..."""
+    (tmp_path / "clip.mp4").write_bytes(mp4)
+    _ffmpeg("-itsoffset", "1.12", "-i", str(tmp_path / "clip.mp4"), "-c", "copy", str(tmp_path / "late.mp4"))
+    late = (tmp_path / "late.mp4").read_bytes()
+    import av
+
+    with av.open(tmp_path / "late.mp4") as c:
+        stream = c.streams.video[0]
+        assert float(stream.start_time * stream.time_base) == pytest.approx(1.12, abs=0.01)
+    want = V.decode_clip(V.open_video(mp4, "pyav"), 0.0, 6, 10.0).dense().float()
+    for backend in V.BACKENDS:
+        video = V.open_video(late, backend)
+        assert video.num_frames == 40
+        got = V.decode_clip(video, 0.0, 6, 10.0).dense().float()
+        assert (got - want).abs().mean() < 3.0, backend  # frames 0-5 of the clip, in both decoders
+        end = V.decode_clip(video, 3.5, 5, 10.0)  # up to the last frame, 39
+        assert end.frames.shape[0] == 5
+    yuv = V.decode_clip(V.open_video(late, "pyav", pixels="yuv420"), 0.0, 3, 10.0)
+    assert (yuv.dense().float() - want[:, :3]).abs().mean() < 3.0
+
+
+@pytest.mark.parametrize("size", [(32, 48), (20, 16), (48, 72), (30, 24)])
+def test_decord_scales_to_sizes_its_own_scaler_cannot_hand_over(tmp_path, size):
+    """decord 0.6.0 decodes a scaled frame at widths 1-4, 6, 8, 12, 16, 24, 48 and 72 but cannot copy it out
+    ("The size must exactly match"); the source then decodes at the stored size and resizes."""
+    path = str(tmp_path / "clip.mp4")
+    _ffmpeg("-f", "lavfi", "-i", "testsrc2=size=96x64:rate=8:duration=1", "-c:v", "libx264", "-bf", "0", path)
+    with open(path, "rb") as f:
+        data = f.read()
+    for _ in range(2):  # the second time the size is known to need the fallback
+        clip = V.open_video(data, "decord", size=size).get_frames([0, 3, 3])
+        assert clip.frames.shape == (2, *size, 3) and clip.order.tolist() == [0, 1, 1]
+        want = V.resize_frames(V.open_video(data, "decord").get_frames([0, 3]).frames, *size).float()
+        assert (clip.frames.float() - want).abs().mean() < 1.0
+
+
+def test_eval_view_at_size_32_of_a_3_2_clip_decodes_with_decord(tmp_path):
+    """`vatp embed` of 3:2 videos at a model size of 32: the eval view decodes 48 x 32 frames (a width decord's
+    scaler cannot hand over) and cuts the centre square."""
+    import numpy as np
+
+    from data_prep.build import build_dataset
+    from models.contracts import AudioInput, TextInput, VideoInput
+    from pipeline.data_config import AudioConfig, DataConfig, DatasetSource, TextConfig, resolve_inputs
+    from pipeline.stages import CheckSample
+    from pipeline.views import sample_views
+
+    src = tmp_path / "src"
+    src.mkdir()
+    _ffmpeg("-f", "lavfi", "-i", "testsrc2=size=96x64:rate=10:duration=1", "-c:v", "libx264", str(src / "a.mp4"))
+    build_dataset(src, tmp_path / "ds", fps=10, short_side=64, workers=1)
+    shard = next((tmp_path / "ds" / "shards").glob("*.tar"))
+    with tarfile.open(shard) as tf:
+        raw = {"__key__": "000000000"} | {m.name.split(".", 1)[1]: tf.extractfile(m).read() for m in tf}
+    cfg = DataConfig(
+        datasets=[DatasetSource("unused")],
+        views="eval",
+        decoder="decord",
+        eval_windows=1,
+        audio=AudioConfig(enabled=False),
+        text=TextConfig(enabled=False),
+    )
+    cfg = resolve_inputs(cfg, video=VideoInput(4, 32, 10.0), audio=AudioInput(16000, 16, 0.5), text=TextInput(8, 100))
+    row = sample_views(CheckSample(cfg, {})(dict(raw)), cfg, np.random.default_rng(0), None)
+    (window,) = row["video"]
+    assert window.clip.size == (32, 48) and (window.top, window.left, window.height, window.width) == (0, 8, 32, 32)
+    frames = window.clip.frames[:, :, 8:40].float()
+    full = V.open_video(raw["mp4"], "decord").get_frames(list(range(window.clip.frames.shape[0]))).frames
+    assert (frames - V.resize_frames(full, 32, 48)[:, :, 8:40].float()).abs().mean() < 3.0
