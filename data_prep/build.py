@@ -9,10 +9,14 @@ re-run skips finished shards, and parts of a job array split the shards by `shar
 from __future__ import annotations
 
 import collections
+import contextlib
+import errno
+import fcntl
 import json
 import logging
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -116,29 +120,88 @@ def build_dataset(
         raise ValueError(f"no videos found in {input} (format {fmt!r}{f', split {split!r}' if split else ''})")
     if stale := media.sweep_stale_temp():
         log.info("removed %d temporary folder(s) left by killed workers", stale)
-    (out / SHARDS_DIR).mkdir(parents=True, exist_ok=True)
-    (out / "stats").mkdir(exist_ok=True)
-    pool = CrashSafePool(workers)
-    try:
-        plan = make_plan(pool, sources, out, prep, may_reprobe=num_parts == 1)
-        n_shards = -(-len(plan.chunks) // samples_per_shard)
-        mine = [s for s in range(n_shards) if s % num_parts == part]
-        todo = [s for s in mine if not _shard_done(out, s)]
-        summary = BuildSummary(str(out), inputs=plan.inputs, chunks=len(plan.chunks), part=part, num_parts=num_parts)
-        summary.shards_total, summary.shards_skipped = n_shards, len(mine) - len(todo)
-        summary.failed = dict(collections.Counter(f.reason for f in plan.failures))
-        summary.kept = dict(collections.Counter(f.reason for f in plan.warnings))
-        for f in plan.failures:
-            log.info("skipped %s: %s %s", f.source, f.reason, f.detail)
-        for f in plan.warnings:
-            log.info("kept %s: %s %s", f.source, f.reason, f.detail)
-        _remove_stale_tmp(out, mine)
-        _write_shards(pool, plan, todo, out, prep, summary)
-    finally:
-        pool.close()
-    summary.complete = _finalize(out, plan, n_shards, prep)
+    with output_lock(out, part=part if num_parts > 1 else None):
+        (out / SHARDS_DIR).mkdir(parents=True, exist_ok=True)
+        (out / "stats").mkdir(exist_ok=True)
+        pool = CrashSafePool(workers)
+        try:
+            plan = make_plan(pool, sources, out, prep, may_reprobe=num_parts == 1)
+            n_shards = -(-len(plan.chunks) // samples_per_shard)
+            mine = [s for s in range(n_shards) if s % num_parts == part]
+            todo = [s for s in mine if not _shard_done(out, s)]
+            summary = BuildSummary(
+                str(out), inputs=plan.inputs, chunks=len(plan.chunks), part=part, num_parts=num_parts
+            )
+            summary.shards_total, summary.shards_skipped = n_shards, len(mine) - len(todo)
+            summary.failed = dict(collections.Counter(f.reason for f in plan.failures))
+            summary.kept = dict(collections.Counter(f.reason for f in plan.warnings))
+            for f in plan.failures:
+                log.info("skipped %s: %s %s", f.source, f.reason, f.detail)
+            for f in plan.warnings:
+                log.info("kept %s: %s %s", f.source, f.reason, f.detail)
+            _remove_stale_tmp(out, mine)
+            _write_shards(pool, plan, todo, out, prep, summary)
+        finally:
+            pool.close()
+        summary.complete = _finalize(out, plan, n_shards, prep)
     summary.elapsed = time.perf_counter() - t0
     return summary
+
+
+LOCK = ".lock"
+
+
+@contextlib.contextmanager
+def output_lock(out: str | os.PathLike, *, part: int | None = None) -> Iterator[None]:
+    """Hold `<out>/.lock` while writing `out`, so a second vatp process writing there is refused in one line.
+
+    The lock is exclusive (`fcntl.flock`, non-blocking); part `I` of a job array instead shares `.lock` with the
+    other parts and holds `.lock.part<I>` exclusively, so parts run side by side but a whole build, or the same
+    part twice, does not. The holder's pid is in the file it holds exclusively. The lock goes with the process,
+    so a killed run leaves nothing to clean up. On a filesystem without locks the run goes on, unprotected.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    mine = out / (LOCK if part is None else f"{LOCK}.part{part}")
+    with contextlib.ExitStack() as stack:
+        if part is not None:
+            _flock(out, out / LOCK, stack.enter_context(open(out / LOCK, "a+b")), fcntl.LOCK_SH)
+        f = stack.enter_context(open(mine, "a+b"))
+        if _flock(out, mine, f, fcntl.LOCK_EX):
+            f.truncate(0)
+            f.write(f"{os.getpid()}\n".encode())
+            f.flush()
+            stack.callback(f.truncate, 0)  # runs before the file closes (and the lock goes)
+        yield
+
+
+def _flock(out: Path, path: Path, f, kind: int) -> bool:
+    """Lock `f` without waiting; False where the filesystem has no locks. A held lock is a one-line ValueError."""
+    try:
+        fcntl.flock(f.fileno(), kind | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise ValueError(
+            f"{out} is being written by another vatp process (pid {_lock_holder(out, path)}): "
+            "wait for it or choose another --out"
+        ) from None
+    except OSError as e:
+        if e.errno not in (errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+        log.warning("%s: the filesystem does not support locks (%s); nothing stops two runs writing it at once", out, e)
+        return False
+    return True
+
+
+def _lock_holder(out: Path, first: Path) -> str:
+    """The pid written in lock file `first`, else in another of `out`'s, or '?' (the holder has not written it yet)."""
+    for path in [first, out / LOCK, *sorted(out.glob(f"{LOCK}.part*"))]:
+        try:
+            pid = path.read_text(encoding="ascii", errors="replace").strip()
+        except OSError:
+            continue
+        if pid:
+            return pid
+    return "?"
 
 
 def _check_options(fps, short_side, max_seconds, sample_rate, audio_format, samples_per_shard, timeout) -> dict:
@@ -188,22 +251,26 @@ def _write_shards(pool: CrashSafePool, plan: Plan, todo: list[int], out: Path, p
     results = pool.map_ordered(_chunk_task, tasks, on_crash=_chunk_crashed)
     bar = tqdm(total=len(chunks), desc="chunks", unit="chunk")
     shard_started, samples, failures, source_seconds = time.perf_counter(), [], [], 0.0
-    for chunk, result in zip(chunks, results):
-        source_seconds += chunk.duration
-        if isinstance(result, Failure):
-            failures.append(result)
-            log.info("%s %s: %s %s", "kept" if result.kept else "skipped", result.source, result.reason, result.detail)
-        else:
-            samples.append(_sample(plan.sources[chunk.source], chunk, result, prep))
-            if result.dropped is not None:
-                failures.append(Failure(plan.sources[chunk.source].path, *result.dropped, kept=True))
-                log.info("kept %s without audio: %s", failures[-1].source, failures[-1].detail)
-        bar.update(1)
-        s = chunk.idx // sps
-        if chunk.idx == min(len(plan.chunks), (s + 1) * sps) - 1:  # last chunk of shard s
-            _finish_shard(out, s, samples, failures, source_seconds, time.perf_counter() - shard_started, summary)
-            shard_started, samples, failures, source_seconds = time.perf_counter(), [], [], 0.0
-    bar.close()
+    try:  # the bar is closed before an error is printed
+        for chunk, result in zip(chunks, results):
+            source_seconds += chunk.duration
+            if isinstance(result, Failure):
+                failures.append(result)
+                log.info(
+                    "%s %s: %s %s", "kept" if result.kept else "skipped", result.source, result.reason, result.detail
+                )
+            else:
+                samples.append(_sample(plan.sources[chunk.source], chunk, result, prep))
+                if result.dropped is not None:
+                    failures.append(Failure(plan.sources[chunk.source].path, *result.dropped, kept=True))
+                    log.info("kept %s without audio: %s", failures[-1].source, failures[-1].detail)
+            bar.update(1)
+            s = chunk.idx // sps
+            if chunk.idx == min(len(plan.chunks), (s + 1) * sps) - 1:  # last chunk of shard s
+                _finish_shard(out, s, samples, failures, source_seconds, time.perf_counter() - shard_started, summary)
+                shard_started, samples, failures, source_seconds = time.perf_counter(), [], [], 0.0
+    finally:
+        bar.close()
 
 
 def _chunk_task(path: str, chunk: Chunk, probe: dict, prep: dict) -> media.ChunkMedia | Failure:
@@ -328,7 +395,12 @@ def _finalize(out: Path, plan: Plan, n_shards: int, prep: dict) -> bool:
         "shards": shards,
         "samples": sum(s["samples"] for s in shards),
         "seconds": round(sum(s["seconds"] for s in shards), 6),
-        "video": {"fps": prep["fps"], "short_side": prep["short_side"], "codec": "h264"},
+        "video": {
+            "fps": prep["fps"],
+            "short_side": prep["short_side"],
+            "codec": "h264",
+            "color": media.CANONICAL_COLOR,  # every clip BT.601 limited range, whatever its source's tags
+        },
         "audio": {"sample_rate": prep["sample_rate"], "format": prep["audio_format"]},
         "prep": prep,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

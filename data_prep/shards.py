@@ -29,29 +29,49 @@ def write_shard(path: str, samples: Iterable[tuple[str, dict[str, bytes]]]) -> i
     foreign = sorted({ext for _, ext in keys} - set(MEMBERS))
     assert not foreign, f"member extensions {foreign} are not in the dataset format {MEMBERS}"
     tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-            for key, ext, data in members:
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                info.mtime = FIXED_MTIME
-                info.mode = 0o444
-                info.uid = info.gid = 0
-                info.uname = info.gname = ""
-                tar.addfile(info, io.BytesIO(data))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+                for key, ext, data in members:
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(data)
+                    info.mtime = FIXED_MTIME
+                    info.mode = 0o444
+                    info.uid = info.gid = 0
+                    info.uname = info.gname = ""
+                    tar.addfile(info, io.BytesIO(data))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        _remove_quietly(tmp)
+        raise _naming(e, path) from None
     return os.path.getsize(path)
+
+
+def _naming(error: OSError, path: str) -> OSError:
+    """`error` with the file it concerns (a failed write() names none: "No space left on device" alone)."""
+    return error if error.filename else OSError(error.errno, error.strerror, path)
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 def write_json_atomic(path: str, obj: object) -> None:
     """Write `obj` as indented JSON to `path` via a temporary file (unique per process) and a rename."""
     tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, ensure_ascii=False)
-        f.write("\n")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=1, ensure_ascii=False)
+            f.write("\n")
+        os.replace(tmp, path)
+    except OSError as e:
+        _remove_quietly(tmp)
+        raise _naming(e, path) from None
 
 
 def encode_sample_json(meta: dict) -> bytes:

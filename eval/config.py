@@ -40,7 +40,7 @@ class EmbedConfig(WordListConfig):
 
     windows: int = 4  # evenly spaced clips per video, averaged (0: one clip spread over the whole video)
     batch_size: int = 8  # videos per batch and rank
-    workers: int = 2  # loader worker processes per rank
+    workers: int = 2  # loader worker processes per rank (at most the shards each rank reads)
 
     def __post_init__(self) -> None:
         super().__post_init__()

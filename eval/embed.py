@@ -1,11 +1,13 @@
 """Extract embeddings from a dataset with a model (over all ranks, resumable); the files are in eval/embed_files.py.
 
 Each rank writes `parts/rank<r>-<seq>.npz` files every few batches (atomically); a restarted run skips the
-samples whose idx is already in a part, and rank 0 merges the parts once every rank is done.
+samples whose idx is already in a part, and rank 0 merges the parts once every rank is done. Rank 0 locks the
+directory for the run and refuses one that another checkpoint or protocol made (`embed_files.claim`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -13,7 +15,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +34,7 @@ from pipeline.dataset import (
     load_tokenizer,
     tokenizer_path,
 )
-from pipeline.distributed import barrier, sum_counts
+from pipeline.distributed import any_rank, barrier, sum_counts
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,7 @@ __all__ = [
     "load_model",
     "merge_parts",
     "read_embeddings",
+    "spaces_holding",
 ]
 
 
@@ -64,6 +67,8 @@ class LoadedModel:
     source: str  # "exported" or "s3d_howto100m"
     path: str = ""
     tokenizer: str | None = None  # the sentencepiece model `tokenize` uses (exported models)
+    fingerprint: str | None = None  # content hash of the checkpoint (embed_files.checkpoint_fingerprint)
+    tokenization: dict = field(default_factory=dict)  # what else shapes text embeddings: tokenizer content, words
 
 
 def load_model(
@@ -86,7 +91,13 @@ def load_model(
     if checkpoint.suffix in (".pth", ".pt"):
         model = load_s3d_howto100m(checkpoint, dict_path, max_words=max_words, lowercase=lowercase)
         tok = _word_list_tokenizer(model) if model.text is not None else None
-        return LoadedModel(model, model.input_contracts(), tok, "s3d_howto100m", str(checkpoint))
+        words = {"word_list": None}
+        if tok is not None:  # the word list and how sentences are cut into its words
+            words = {"word_list": embed_files.file_digest(dict_path)[:16], "max_words": max_words}
+            words["lowercase"] = lowercase
+        fingerprint = embed_files.checkpoint_fingerprint(checkpoint)
+        contracts = model.input_contracts()
+        return LoadedModel(model, contracts, tok, "s3d_howto100m", str(checkpoint), None, fingerprint, words)
     if not checkpoint.exists():
         raise ValueError(f"checkpoint not found: {checkpoint}")
     model, cfg = load_exported(checkpoint)
@@ -95,7 +106,19 @@ def load_model(
     if "text" in contracts and tokenizer is not None:
         sp, max_tokens = load_tokenizer(tokenizer), contracts["text"].max_tokens
         tok = functools.partial(encode_batch, sp, max_tokens=max_tokens)
-    return LoadedModel(model, contracts, tok, "exported", str(checkpoint), None if tok is None else str(tokenizer))
+    used = None if tok is None else str(tokenizer)
+    words = {"tokenizer": None if used is None else embed_files.file_digest(used)[:16]}
+    fingerprint = embed_files.checkpoint_fingerprint(checkpoint)
+    return LoadedModel(model, contracts, tok, "exported", str(checkpoint), used, fingerprint, words)
+
+
+def spaces_holding(model: LoadedModel, *modalities: str) -> list[str]:
+    """The shared spaces in which `model` embeds every one of `modalities` (e.g. "video", "text"), in its order."""
+    if model.source == "s3d_howto100m":  # one space, vt; text only with the word list
+        towers = {"video"} | ({"text"} if model.tokenize is not None else set())
+        return ["vt"] if set(modalities) <= towers else []
+    towers = set(model.contracts)
+    return [s.name for s in getattr(model.module, "spaces", ()) if set(modalities) <= set(s.modalities) & towers]
 
 
 def find_tokenizer(explicit: str | None, checkpoint: str, dataset: str | None) -> Path | None:
@@ -125,8 +148,10 @@ def _word_list_tokenizer(model) -> Callable[[list[str]], tuple[torch.Tensor, tor
     return tokenize
 
 
-def embed_texts(model: LoadedModel, texts: list[str], space: str = "vt", batch_size: int = 256) -> np.ndarray:
-    """L2-normalised `text@<space>` embeddings (N, D) of `texts`."""
+def embed_texts(
+    model: LoadedModel, texts: list[str], space: str = "vt", batch_size: int = 256, normalize: bool = True
+) -> np.ndarray:
+    """`text@<space>` embeddings (N, D) of `texts`, L2-normalised unless `normalize` is false."""
     if model.tokenize is None:
         raise ValueError("this model has no text tower or no tokenizer was given (--tokenizer)")
     out = []
@@ -134,7 +159,8 @@ def embed_texts(model: LoadedModel, texts: list[str], space: str = "vt", batch_s
         ids, mask = model.tokenize(texts[s : s + batch_size])
         with torch.inference_mode():
             z = model.module({"text": ids[:, None], "text_mask": mask[:, None]})[f"text@{space}"]  # (B, 1, D)
-        out.append(F.normalize(z[:, 0].float(), dim=-1).cpu().numpy())
+        z = z[:, 0].float()
+        out.append((F.normalize(z, dim=-1) if normalize else z).cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
 
 
@@ -154,18 +180,94 @@ def embed_dataset(
 ) -> dict:
     """Embed every sample of `dataset` with `model` into `out` (see the module docstring); call on every rank.
 
-    `feature_windows` also keeps each window's backbone features (`video_feat.windows`, N x W x F: large), for
-    protocols that classify windows (MIL-NCE's HMDB linear SVM)."""
-    from pipeline.data import make_eval_loader, resolve_shards
-    from pipeline.data_config import DataConfig, DatasetSource, data_config_for
+    Rank 0 holds `<out>/.lock` throughout (a second process embedding into `out` is refused) and refuses a
+    directory that another checkpoint or protocol made (`embed_files.claim`); `num_workers` is capped at the
+    shards each rank reads. `feature_windows` also keeps each window's backbone features (`video_feat.windows`,
+    N x W x F: large), for protocols that classify windows (MIL-NCE's HMDB linear SVM)."""
+    from pipeline.data import make_eval_loader
+    from pipeline.dataset import read_dataset_json
 
     out = Path(out)
     if not Path(dataset, DATASET_JSON).is_file() and not Path(dataset, SHARDS_DIR).is_dir():
         raise ValueError(f"dataset not found: {dataset} has no dataset.json and no shards/ (build it with `vatp data`)")
-    if (out / COMPLETE).is_file():
-        log.info("%s is already complete; delete it to embed again", out)
-        return {"rows": len(read_embeddings(out).meta), "embedded": 0, "resumed": 0, "seconds": 0.0}
-    merged = (out / embed_files.PENDING).is_file()  # an earlier run merged, then stopped in the last steps
+    if Path(dataset, DATASET_JSON).is_file() and not read_dataset_json(dataset)["shards"]:
+        raise ValueError(f"{dataset} holds no samples (no input could be built: see its failures.jsonl)")
+    protocol = {"windows": windows, "clip": dict(sorted((data_overrides or {}).items())), **model.tokenization}
+    made = json.loads(json.dumps({"checkpoint": model.path, "fingerprint": model.fingerprint, "protocol": protocol}))
+    with contextlib.ExitStack() as held:
+        _hold(out, made, rank=rank, device=device, stack=held)
+        if (out / COMPLETE).is_file():
+            log.info("%s is already complete, made with this checkpoint and protocol", out)
+            return {"rows": len(read_embeddings(out).meta), "embedded": 0, "resumed": 0, "seconds": 0.0}
+        merged = (out / embed_files.PENDING).is_file()  # an earlier run merged, then stopped in the last steps
+        c = model.contracts
+        cfg, sizes = _loader_config(model, dataset, windows, batch_size, num_workers, world_size, data_overrides)
+        loader = make_eval_loader(cfg, rank=rank, world_size=world_size)
+        expected = None if None in sizes else sum(sizes)
+        info = {"checkpoint": model.path, "kind": model.source, "dataset": str(dataset), "windows": windows}
+        info.update(fingerprint=made["fingerprint"], protocol=made["protocol"], world_size=world_size)
+        info["dot_product_spaces"] = sorted(getattr(model.module, "dot_product_spaces", ()))
+        summary = {"embedded": 0, "resumed": 0, "seconds": 0.0}
+        if not merged:
+            summary = extract_embeddings(
+                model.module.to(device),
+                loader,
+                out,
+                rank=rank,
+                world_size=world_size,
+                device=device,
+                expected=expected,
+                info=info,
+                total=len(loader),
+                complete=False,
+                feature_windows=feature_windows,
+            )
+        if loader.skipped:
+            log.warning("rank %d: loader skipped samples: %s", rank, loader.skipped)
+        summary["skipped"] = sum_counts(loader.skipped)  # over all ranks
+        if rank == 0:  # the last steps, then the marker: an interrupted run never leaves a folder marked complete
+            if model.source == "s3d_howto100m" and model.tokenize is not None:
+                _embed_meta_captions(model, out)
+            if "video" in c:
+                add_window_times(out, dataset, cfg.num_frames / cfg.fps, windows)
+            extra = {"skipped": summary["skipped"]} if not merged else {}
+            embed_files.mark_complete(out, **extra)
+        barrier()
+    return summary
+
+
+def _hold(out: Path, made: dict, *, rank: int, device: str, stack: contextlib.ExitStack) -> None:
+    """Rank 0 locks `out` (until `stack` closes) and claims it for `made`; every rank raises when that fails."""
+    from data_prep.build import output_lock
+
+    error = None
+    if rank == 0:
+        try:
+            stack.enter_context(output_lock(out))
+            embed_files.claim(out, made)
+        except (ValueError, OSError) as e:  # raised below, once every rank knows
+            error = e
+    (refused,) = any_rank(error is not None, device=device)  # the other ranks must not wait for rank 0 forever
+    if error is not None:
+        raise error
+    if refused:
+        raise ValueError(f"rank 0 refused to embed into {out} (its error says why)")
+
+
+def _loader_config(model: LoadedModel, dataset, windows, batch_size, num_workers, world_size, overrides):
+    """The eval loader's DataConfig for `model` (its contracts and vocabulary), and the shards' sample counts."""
+    from pipeline.data import resolve_shards
+    from pipeline.data_config import DataConfig, DatasetSource, data_config_for
+
+    shards = resolve_shards([DatasetSource(str(dataset))])
+    if len(shards) < world_size:
+        raise ValueError(f"{dataset} has {len(shards)} shard(s), fewer than the {world_size} ranks: use at most that")
+    if num_workers > len(shards) // world_size:  # the exact-epoch loader gives each worker whole shards
+        fit = len(shards) // world_size
+        log.info(
+            "%s: %d shard(s), so %d loader worker(s) per rank instead of %d", dataset, len(shards), fit, num_workers
+        )
+        num_workers = fit
     c = model.contracts
     pairs_text_in_loader = "text" in c and model.source == "exported" and model.tokenizer is not None
     if "text" in c and model.source == "exported" and model.tokenizer is None:
@@ -178,45 +280,10 @@ def embed_dataset(
         num_workers=num_workers,
         eval_windows=windows,
         with_meta=True,
-        **(data_overrides or {}),
+        **(overrides or {}),
     )
-    cfg = dataclasses.replace(
-        cfg, text=dataclasses.replace(cfg.text, tokenizer=model.tokenizer)
-    )  # the model's vocabulary
-    cfg = data_config_for(cfg, c, captions=pairs_text_in_loader)
-    loader = make_eval_loader(cfg, rank=rank, world_size=world_size)
-    sizes = [shard.samples for shard in resolve_shards(cfg.datasets)]
-    expected = None if None in sizes else sum(sizes)
-    info = {"checkpoint": model.path, "kind": model.source, "dataset": str(dataset), "windows": windows}
-    info["world_size"] = world_size
-    info["dot_product_spaces"] = sorted(getattr(model.module, "dot_product_spaces", ()))
-    summary = {"embedded": 0, "resumed": 0, "seconds": 0.0}
-    if not merged:
-        summary = extract_embeddings(
-            model.module.to(device),
-            loader,
-            out,
-            rank=rank,
-            world_size=world_size,
-            device=device,
-            expected=expected,
-            info=info,
-            total=len(loader),
-            complete=False,
-            feature_windows=feature_windows,
-        )
-    if loader.skipped:
-        log.warning("rank %d: loader skipped samples: %s", rank, loader.skipped)
-    summary["skipped"] = sum_counts(loader.skipped)  # over all ranks
-    if rank == 0:  # the last steps, then the marker: an interrupted run never leaves a folder marked complete
-        if model.source == "s3d_howto100m" and model.tokenize is not None:
-            _embed_meta_captions(model, out)
-        if "video" in c:
-            add_window_times(out, dataset, cfg.num_frames / cfg.fps, windows)
-        extra = {"skipped": summary["skipped"]} if not merged else {}
-        embed_files.mark_complete(out, **extra)
-    barrier()
-    return summary
+    cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, tokenizer=model.tokenizer))  # its vocabulary
+    return data_config_for(cfg, c, captions=pairs_text_in_loader), [shard.samples for shard in shards]
 
 
 def add_window_times(out: str | Path, dataset: str | Path, clip_seconds: float, windows: int) -> None:
@@ -325,12 +392,18 @@ def extract_embeddings(
     return summary
 
 
+CAPTION_KEYS = ("captions", "captions_mask", "caption_count")  # eval batches: every caption, flat
+TEXT_CHUNK = 512  # captions per text-tower call, so a sample with thousands of subtitle cues stays cheap
+
+
 def _embed_batch(
     model: Callable[[dict], dict], batch: dict, device, raw: set[str] = frozenset(), feature_windows: bool = False
 ) -> dict:
-    inputs = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+    inputs = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor) and k not in CAPTION_KEYS}
     with torch.inference_mode():
         out = model(inputs)
+        if "captions" in batch:
+            out.update(_embed_captions(model, batch["captions"], batch["captions_mask"], device))
     b = len(batch["idx"])
     rows: dict = {"idx": batch["idx"].numpy().astype(np.int64), "meta": _batch_meta(batch)}
     for name, x in out.items():
@@ -340,15 +413,10 @@ def _embed_batch(
             rows[name] = (x.float().mean(1) if dot else average_windows(x)).cpu().numpy()
             if name.startswith("video@"):
                 rows[name + ".windows"] = F.normalize(x.float(), dim=-1).cpu().numpy()
-        elif name.startswith("text@"):
-            mask = batch["text_mask"].any(-1).reshape(b, -1)  # (B, K) real captions
-            if batch.get("meta") is not None:  # trust the caption list over the tokens (an all-pad caption stays)
-                n_caps = torch.tensor([len(m.get("captions") or []) for m in batch["meta"]])
-                mask = torch.arange(mask.shape[1])[None] < n_caps[:, None]
-            x = x.float().reshape(b, mask.shape[1], -1)  # (B, K, D)
-            x = (x if name.split("@", 1)[1] in raw else F.normalize(x, dim=-1)).cpu()
-            rows[name] = x[mask].numpy()
-            rows["text_count"] = mask.sum(1).numpy().astype(np.int64)
+        elif name.startswith("text@"):  # (C, D): one row per caption, the batch's videos in order
+            x = x.float() if name.split("@", 1)[1] in raw else F.normalize(x.float(), dim=-1)
+            rows[name] = x.cpu().numpy()
+            rows["text_count"] = batch["caption_count"].numpy().astype(np.int64)
         elif name in ("video/feat", "audio/feat"):  # backbone features: k-means, kNN and probes on any model
             x = x.float().reshape(b, -1, x.shape[-1])  # (B, W, F)
             rows[name.replace("/", "_")] = x.mean(1).cpu().numpy()
@@ -359,6 +427,24 @@ def _embed_batch(
             x = x.float().reshape(h, b, -1, x.shape[-1]).mean(2)  # (H, B, K), windows averaged
             rows[name.split("/")[0] + "_logits"] = x.cpu().numpy()
     return rows
+
+
+def _embed_captions(model: Callable[[dict], dict], ids: torch.Tensor, mask: torch.Tensor, device) -> dict:
+    """`text@<space>` `(C, D)` of the flat caption rows `ids (C, L)`, through the text tower `TEXT_CHUNK` at a
+    time. A batch without captions still gives `(0, D)` arrays, so every part holds the same arrays."""
+    if len(ids) == 0:
+        zero = torch.zeros(1, *ids.shape[1:], dtype=ids.dtype)  # one all-padding caption, to learn D
+        return {k: v[:0] for k, v in _embed_captions(model, zero, zero.bool(), device).items()}
+    chunks: dict[str, list[torch.Tensor]] = {}
+    for s in range(0, len(ids), TEXT_CHUNK):
+        text = {
+            "text": ids[s : s + TEXT_CHUNK, None].to(device),
+            "text_mask": mask[s : s + TEXT_CHUNK, None].to(device),
+        }
+        for name, z in model(text).items():
+            if name.startswith("text@"):
+                chunks.setdefault(name, []).append(z[:, 0])  # (c, 1, D) -> (c, D)
+    return {name: torch.cat(parts) for name, parts in chunks.items()}
 
 
 def _batch_meta(batch: dict) -> list[dict]:
@@ -377,9 +463,16 @@ def _batch_meta(batch: dict) -> list[dict]:
 
 
 def _select(batch: dict, keep: np.ndarray) -> dict:
+    """The rows of `batch` where `keep` (B,) is true; flat captions follow the rows that own them."""
     sel = torch.from_numpy(np.flatnonzero(keep))
     out = {}
+    if "caption_count" in batch:
+        owner = np.repeat(np.arange(len(keep)), batch["caption_count"].numpy())  # (C,) row of each caption
+        caption_sel = torch.from_numpy(np.flatnonzero(keep[owner]))
+        out.update({k: batch[k][caption_sel] for k in ("captions", "captions_mask")})
     for k, v in batch.items():
+        if k in ("captions", "captions_mask"):
+            continue
         if isinstance(v, torch.Tensor) and v.ndim > 0 and v.shape[0] == len(keep):
             out[k] = v[sel]
         elif isinstance(v, list) and len(v) == len(keep):

@@ -13,14 +13,20 @@ Layout (rows ordered by sample idx):
                                          the windows: what k-means, kNN and probes use on a model without spaces
     video_feat.windows.npy   float16 (N, W, F) each window's backbone features (only when asked: benchmarks)
     embed.json               written last: what was embedded, and that the directory is complete
+    embed.started.json       while it is being written: what is writing it (checkpoint fingerprint, protocol)
 
 Parts (`parts/rank<r>-<seq>.npz`) hold float16 arrays, `idx` (n,), `text_count` (n,) and a JSON `meta` list. The
 merge reads one part at a time and writes into memory-mapped outputs, so its peak memory is about one part
 plus the metadata, not the whole corpus (a 1M-video x 4-window x 512-d run is ~4 GB of float16 windows alone).
+
+What made a directory (`made_with`: the checkpoint's content fingerprint and the protocol settings that change the
+numbers) is recorded before the first part and kept in embed.json: `claim` refuses to add to, or reuse, a
+directory another checkpoint or protocol made, and `check_checkpoint` refuses to compare one with another model.
 """
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import json
 import logging
@@ -35,6 +41,7 @@ log = logging.getLogger(__name__)
 
 COMPLETE = "embed.json"
 PENDING = "embed.pending.json"  # merged, but the embedding command's last steps have not finished
+STARTED = "embed.started.json"  # what is writing the directory, recorded before its first part
 _INDEX_KEYS = ("idx", "meta", "text_count")  # part members that are bookkeeping, not embeddings
 
 
@@ -240,6 +247,7 @@ def mark_complete(out: str | Path, **extra) -> None:
     info = {**json.loads((out / PENDING).read_text(encoding="utf-8")), **extra}
     (out / PENDING).write_text(json.dumps(info, indent=1), encoding="utf-8")
     os.replace(out / PENDING, out / COMPLETE)
+    (out / STARTED).unlink(missing_ok=True)  # embed.json holds the same record now
 
 
 def _merge_meta_runs(runs: list[Path], path: Path, fan_in: int = 128) -> None:
@@ -280,3 +288,94 @@ def save_array(path: Path, a: np.ndarray) -> None:
 
 def _tmp(out: Path, name: str) -> Path:
     return out / f".{name}.npy.tmp"  # not *.npy, so read_embeddings never sees a half-written array
+
+
+# ---- what made a directory ----------------------------------------------------------------------------------------
+
+_DIGESTS: dict[tuple, str] = {}  # (path, inode, size, mtime) -> sha256: each file is hashed once per process
+
+
+def file_digest(path: str | Path) -> str:
+    """sha256 (hex) of a file's bytes, read in 1 MiB blocks; cached per path, inode, size and mtime."""
+    path = Path(path)
+    st = path.stat()
+    key = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
+    if key not in _DIGESTS:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while block := f.read(1 << 20):
+                h.update(block)
+        _DIGESTS[key] = h.hexdigest()
+    return _DIGESTS[key]
+
+
+def checkpoint_fingerprint(checkpoint: str | Path) -> str:
+    """A short content hash of a checkpoint: the `.pth` / `.pt` file, or an export's `model.yaml` and weights
+    (`*.safetensors`). A checkpoint re-exported to the same path gets a new fingerprint; a copy keeps it."""
+    path = Path(checkpoint)
+    if path.suffix in (".pth", ".pt") and path.is_file():
+        files = [path]
+    else:
+        root = path if path.is_dir() else path.parent
+        files = sorted([root / "model.yaml", *root.glob("*.safetensors")])
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f"{f.name}:{file_digest(f)}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def made_with(out: str | Path) -> dict | None:
+    """What `out` records as having made it (embed.json, else embed.pending.json, else embed.started.json)."""
+    for name in (COMPLETE, PENDING, STARTED):
+        if (Path(out) / name).is_file():
+            return json.loads((Path(out) / name).read_text(encoding="utf-8"))
+    return None
+
+
+def claim(out: str | Path, made: dict) -> None:
+    """Before writing into `out`: refuse, in one line, a directory that holds work (parts, a merge, a complete
+    embedding) made with another checkpoint or protocol; record `made` (`checkpoint`, `fingerprint`, `protocol`)
+    in a directory without work. A directory written before fingerprints were recorded is a warning."""
+    out = Path(out)
+    worked = (out / COMPLETE).is_file() or (out / PENDING).is_file() or any((out / "parts").glob("rank*-*.npz"))
+    if not worked:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / STARTED).write_text(json.dumps(made, indent=1), encoding="utf-8")
+        return
+    old = made_with(out) or {}
+    if old.get("fingerprint") is None or made.get("fingerprint") is None:
+        log.warning(
+            "%s: cannot check that %s made it (no checkpoint fingerprint to compare: a directory written before "
+            "vatp recorded them, or a model not loaded by load_model); delete it if another checkpoint did",
+            out,
+            made.get("checkpoint"),
+        )
+        return
+    if old["fingerprint"] != made["fingerprint"]:
+        raise ValueError(
+            f"{out} was made with checkpoint {old.get('checkpoint')} (fingerprint {old['fingerprint']}), not "
+            f"{made.get('checkpoint')} (fingerprint {made['fingerprint']}): choose another --out or delete it"
+        )
+    before, now = old.get("protocol") or {}, made.get("protocol") or {}
+    changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+    if changed:
+        was = ", ".join(f"{k}={json.dumps(before.get(k))}" for k in changed)
+        asked = ", ".join(f"{k}={json.dumps(now.get(k))}" for k in changed)
+        raise ValueError(f"{out} was made with {was}, not {asked}: choose another --out or delete it")
+
+
+def check_checkpoint(emb: Embeddings, checkpoint: str, fingerprint: str | None) -> None:
+    """Before comparing `emb` with a model loaded from `checkpoint`: refuse (one line) when the embedding records
+    another checkpoint's fingerprint; warn when it records none (embedded before vatp recorded fingerprints)."""
+    made = emb.info.get("fingerprint")
+    if made is None or fingerprint is None:
+        log.warning(
+            "%s does not record the checkpoint that made it: its embeddings are taken to come from %s",
+            emb.root,
+            checkpoint,
+        )
+    elif made != fingerprint:
+        raise ValueError(
+            f"{emb.root} was embedded with checkpoint {emb.info.get('checkpoint')} (fingerprint {made}), not "
+            f"{checkpoint} (fingerprint {fingerprint}): pass the checkpoint that made it, or embed again with this one"
+        )

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from eval import faiss_index
-from eval.embed import Embeddings, LoadedModel, average_windows, embed_texts
+from eval.embed import Embeddings, LoadedModel, average_windows, embed_texts, spaces_holding
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,7 @@ def text_query(model: LoadedModel, text: str, space: str = "vt") -> np.ndarray:
     """The normalised `text@<space>` embedding (D,) of one query string."""
     if not text.strip():
         raise ValueError("the text query is empty")
+    _check_space(model, space, "text")
     return embed_texts(model, [text], space)[0]
 
 
@@ -66,6 +67,7 @@ def video_query(model: LoadedModel, path: str | Path, *, space: str = "vt", wind
     contract = model.contracts.get("video")
     if contract is None:
         raise ValueError("this model has no video tower")
+    _check_space(model, space, "video")
     try:
         video = open_video(path.read_bytes(), "pyav")
     except Exception as e:
@@ -77,6 +79,16 @@ def video_query(model: LoadedModel, path: str | Path, *, space: str = "vt", wind
     with torch.inference_mode():
         z = model.module(batch)[f"video@{space}"]  # (1, W, D)
     return average_windows(z)[0].cpu().numpy()
+
+
+def _check_space(model: LoadedModel, space: str, modality: str) -> None:
+    """One line naming the spaces that would do, when `model` has no `modality` (nor video) in `space`."""
+    both = spaces_holding(model, "video", modality)
+    if space not in both:
+        raise ValueError(
+            f"--space {space}: {model.path} has no video and {modality} in {space!r} "
+            f"(spaces with both: {', '.join(both) or 'none'})"
+        )
 
 
 def format_hits(hits: list[dict]) -> str:

@@ -174,6 +174,7 @@ def run_retrieval(args: argparse.Namespace) -> int:
     if not results:
         raise ValueError(f"{args.embeddings}: nothing to evaluate (no two modalities share a space, no labels)")
     out = Path(args.out or Path(args.embeddings) / "retrieval.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1), encoding="utf-8")
     print(format_metrics(results))
     print(f"\n{len(results)} evaluations in {time.time() - t0:.1f} s -> {out}")
@@ -294,9 +295,10 @@ def run_benchmark(args: argparse.Namespace) -> int:
 
 
 def run_zeroshot(args: argparse.Namespace) -> int:
-    from eval.embed import find_tokenizer, read_embeddings
+    from eval.embed import find_tokenizer, read_embeddings, spaces_holding
+    from eval.embed_files import check_checkpoint
     from eval.probe import row_array
-    from eval.zeroshot import class_embeddings, class_prompts, zero_shot_accuracy
+    from eval.zeroshot import class_embeddings, class_prompts, similarity_of, zero_shot_accuracy
 
     cfg = eval_config(ZeroShotConfig, args.overrides)
     emb = read_embeddings(args.embeddings)
@@ -305,11 +307,20 @@ def run_zeroshot(args: argparse.Namespace) -> int:
     if len(names) < 2 or not keep.any():
         raise ValueError(f"{args.embeddings}: zero-shot classification needs labelled videos of at least two classes")
     model = _load_model(args.checkpoint, find_tokenizer(args.tokenizer, args.checkpoint, emb.info.get("dataset")), cfg)
+    check_checkpoint(emb, args.checkpoint, model.fingerprint)
+    both = spaces_holding(model, "video", "text")
+    if args.space not in both:
+        raise ValueError(
+            f"--space {args.space}: {args.checkpoint} has no video and text in {args.space!r} "
+            f"(spaces with both: {', '.join(both) or 'none'})"
+        )
     classes = class_embeddings(model, class_prompts(names, cfg.templates), space=args.space)  # (C, D)
     video = row_array(emb, f"video@{args.space}")[keep]
     result = zero_shot_accuracy(video @ classes.T, labels[keep], cfg.ks)
     result.update(classes=len(names), videos=int(keep.sum()), space=args.space, templates=list(cfg.templates))
+    result["similarity"] = similarity_of(model, args.space)  # dot in a dot-product space, as its retrieval
     out = Path(args.out or Path(args.embeddings) / "zeroshot.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"zero-shot": result}, indent=1), encoding="utf-8")
     print(format_metrics({"zero-shot": result}))
     print(f"-> {out}")
@@ -318,6 +329,7 @@ def run_zeroshot(args: argparse.Namespace) -> int:
 
 def run_search(args: argparse.Namespace) -> int:
     from eval.embed import find_tokenizer, read_embeddings
+    from eval.embed_files import check_checkpoint
     from eval.search import format_hits, search, text_query, video_query
 
     cfg = eval_config(SearchConfig, args.overrides)
@@ -326,6 +338,7 @@ def run_search(args: argparse.Namespace) -> int:
     emb = read_embeddings(args.embeddings)
     tokenizer = find_tokenizer(args.tokenizer, args.checkpoint, emb.info.get("dataset"))
     model = _load_model(args.checkpoint, tokenizer, cfg)
+    check_checkpoint(emb, args.checkpoint, model.fingerprint)
     if args.video:
         query = video_query(model, args.video, space=args.space, windows=int(emb.info.get("windows") or 4))
     else:

@@ -263,7 +263,9 @@ def save_exported(model: MultiTower, cfg: ModelConfig, out_dir: str | Path) -> N
         for k, v in model.state_dict().items()
     }
     tmp = out_dir / "model.safetensors.tmp"
-    save_file(tensors, str(tmp), metadata={"format": "vatp-model", "version": "1"})
+    # One metadata entry: safetensors writes the map in hash order, so two entries would make two exports of the
+    # same weights differ in bytes (and in the content fingerprint embeddings are keyed by).
+    save_file(tensors, str(tmp), metadata={"vatp-model": "1"})
     os.replace(tmp, out_dir / "model.safetensors")
     with open(out_dir / "model.yaml.tmp", "w", encoding="utf-8") as f:
         yaml.safe_dump(dataclasses.asdict(cfg), f, sort_keys=False)

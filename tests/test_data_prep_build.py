@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import re
 import shutil
 import subprocess
 import tarfile
@@ -61,7 +63,7 @@ def test_tiny_dataset_layout(tiny_dataset, synth_corpus):
     assert [s["name"] for s in meta["shards"]] == [f"{i:06d}.tar" for i in range(4)]
     assert all(s["samples"] == 2 for s in meta["shards"])
     assert meta["seconds"] == pytest.approx(sum(s["seconds"] for s in meta["shards"])) == pytest.approx(32.0, abs=0.5)
-    assert meta["video"] == {"fps": 10.0, "short_side": 64, "codec": "h264"}
+    assert meta["video"] == {"fps": 10.0, "short_side": 64, "codec": "h264", "color": "bt601-tv"}
     assert meta["audio"] == {"sample_rate": 16000, "format": "flac"}
     assert meta["prep"]["samples_per_shard"] == 2
     assert sorted(p.name for p in (tiny_dataset / "stats").iterdir()) == [f"{i:06d}.json" for i in range(4)]
@@ -283,3 +285,65 @@ def test_chunk_audio_is_cut_to_its_video_or_dropped_when_short():
     assert _aligned_audio(chunk(2.1), "", "flac").audio == flac(2.1)  # within tolerance: untouched
     short = _aligned_audio(chunk(1.0), "chunk idx 0 at 0 s", "flac")
     assert short.audio is None and short.dropped[0] == "audio_misaligned" and "1.000 s of audio" in short.dropped[1]
+
+
+def test_the_output_lock_refuses_a_second_writer_and_lets_job_array_parts_share(tmp_path):
+    from data_prep.build import output_lock
+
+    out = tmp_path / "new" / "ds"
+    held = f"{out} is being written by another vatp process (pid {os.getpid()}): wait for it or choose another --out"
+    with output_lock(out):
+        assert (out / ".lock").read_text().strip() == str(os.getpid())
+        for part in (None, 0):
+            with pytest.raises(ValueError, match=re.escape(held)):
+                with output_lock(out, part=part):
+                    pass
+    assert (out / ".lock").read_text() == ""  # released, and no pid left behind
+    with output_lock(out, part=0), output_lock(out, part=1):  # two parts of a job array at once
+        with pytest.raises(ValueError, match=re.escape(held)):  # a whole build meanwhile
+            with output_lock(out):
+                pass
+        with pytest.raises(ValueError, match=re.escape(held)):  # the same part twice
+            with output_lock(out, part=1):
+                pass
+    with output_lock(out):  # every lock went with its holder
+        pass
+
+
+@pytest.mark.timeout(300)
+def test_two_builds_into_one_folder_at_once_the_second_is_refused_the_first_finishes(
+    synth_corpus, tiny_dataset, tmp_path
+):
+    """Two real `vatp data build` processes: the second finds the output locked (the first is held still while it
+    tries), exits 2 with one line naming the first's pid, and the first's dataset is the one a lone build makes."""
+    import signal
+    import sys
+    import time
+
+    from conftest import TINY_BUILD
+
+    out = tmp_path / "ds"
+    cmd = [sys.executable, "-m", "launch.cli", "data", "build", str(synth_corpus), "--out", str(out)]
+    cmd += [a for k, v in TINY_BUILD.items() for a in (f"--{k.replace('_', '-')}", str(v))]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    repo = Path(__file__).resolve().parents[1]
+    first = subprocess.Popen(cmd, cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        t0 = time.monotonic()
+        while not ((out / ".lock").is_file() and (out / ".lock").read_text().strip() == str(first.pid)):
+            assert first.poll() is None, first.communicate()[0].decode()
+            assert time.monotonic() - t0 < 120, "the first build never took the lock"
+            time.sleep(0.02)
+        os.kill(first.pid, signal.SIGSTOP)
+        second = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, timeout=120)
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+    output = first.communicate(timeout=240)[0].decode()
+    assert second.returncode == 2 and first.returncode == 0, output
+    assert second.stderr.decode().strip().splitlines()[-1] == (
+        f"vatp data build: error: {out} is being written by another vatp process (pid {first.pid}): "
+        "wait for it or choose another --out"
+    )
+    assert _tar_bytes(out) == _tar_bytes(tiny_dataset)
+    shards = [json.loads((d / "dataset.json").read_text())["shards"] for d in (out, tiny_dataset)]
+    assert shards[0] == shards[1]

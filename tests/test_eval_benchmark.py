@@ -143,7 +143,7 @@ def test_vggsound_clusters_the_test_split_with_k_the_number_of_classes(model, tm
     assert "55.9" in capsys.readouterr().out
 
 
-def test_kinetics400_zero_shot_from_its_validation_csv(model, tmp_path):
+def test_kinetics400_zero_shot_from_its_validation_csv(model, tmp_path, capsys):
     export, tokenizer = model
     root = tmp_path / "K400"
     rows = ["label,youtube_id,time_start,time_end,split"]
@@ -158,6 +158,10 @@ def test_kinetics400_zero_shot_from_its_validation_csv(model, tmp_path):
     assert main([*argv, "--tokenizer", str(tokenizer), *QUICK]) == 0
     m = json.loads((out / "kinetics400.json").read_text())["metrics"]
     assert (m["classes"], m["videos"]) == (3, 3) and 0 <= m["top1"] <= 100 and "top5" not in m  # 3 classes: no top-5
+    table = capsys.readouterr().out
+    assert "top1" in table.split("\n")[2] and table.split("\n")[2].endswith("!")  # 3 videos: flagged beside it
+    assert "videos val: 3 listed, 3 built, 3 scored (0 failed at build, 0 skipped at embed)" in table
+    assert "! val: 3 videos scored (fewer than 10)" in table
     assert main([*argv, "--tokenizer", str(tokenizer), *QUICK, "--set", "templates=['{}']"]) == 0
     again = json.loads((out / "kinetics400.json").read_text())["metrics"]
     assert again["videos"] == 3  # the embeddings are reused; only the prompts changed
@@ -184,7 +188,11 @@ def test_hmdb51_from_its_split_files(model, tmp_path):
     result = json.loads((out / "hmdb51.json").read_text())
     assert (result["metrics"]["train"], result["metrics"]["test"]) == (6, 2)  # the "0" (unused) rows left out
     assert result["paper"] == {"svm_top1": 53.1}
-    assert result["videos"] == {"train": {"samples": 6, "failed": 0}, "test": {"samples": 2, "failed": 1}}
+    assert result["videos"] == {
+        "train": {"listed": 6, "built": 6, "scored": 6, "failed": 0, "skipped": 0},
+        "test": {"listed": 3, "built": 2, "scored": 2, "failed": 1, "skipped": 0, "too_few": True},
+    }
+    assert not result["comparable"] and any("1 of the 3 listed videos" in w for w in result["warnings"])
 
 
 def test_ave_clusters_its_test_split(model, tmp_path):
@@ -244,3 +252,167 @@ def test_the_released_checkpoint_format_goes_through_msrvtt_and_youcook2_with_th
         info = json.loads((emb / "embed.json").read_text())
         assert info["kind"] == "s3d_howto100m" and info["dot_product_spaces"] == ["vt"] and info["windows"] == 10
         assert np.load(emb / "video@vt.windows.npy").shape[1:] == (10, 512)  # ten 16-frame windows per clip
+
+
+def _kinetics(root: Path, labels: list[str], *, present=None, csv=("kinetics400", "validate.csv"), split="validate"):
+    """A Kinetics-400 replica: one 2-s clip per label (tinted apart) under `root/val`, those in `present` (default
+    all) on disk, and the validation CSV at `root/<csv>`."""
+    rows = ["label,youtube_id,time_start,time_end,split"]
+    for i, label in enumerate(labels):
+        if present is None or i in present:
+            _video(root / "val" / f"k4{i:09d}_000000_000002.mp4", f"{0.8 - 0.4 * i:.1f}", seconds=2.0)
+        rows.append(f"{label},k4{i:09d},0,2,{split}")
+    path = root.joinpath(*csv)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(rows) + "\n")
+    return root
+
+
+def _reexport(export: Path, dest: Path, shift: float = 0.05) -> None:
+    """`export`'s model with its first weight shifted by `shift`, written to `dest` (e.g. re-exported in place)."""
+    import torch
+
+    from models.towers import load_exported, save_exported
+
+    module, cfg = load_exported(export)
+    with torch.no_grad():
+        next(module.parameters()).add_(shift)
+    save_exported(module, cfg, dest)
+
+
+def _bench(name: str, root: Path, export: Path, out: Path, tokenizer: Path, *extra: str) -> int:
+    argv = ["eval", "benchmark", name, "--root", str(root), "--checkpoint", str(export), "--out", str(out)]
+    return main([*argv, "--tokenizer", str(tokenizer), *extra])
+
+
+def test_a_checkpoint_re_exported_to_the_same_path_is_embedded_again_with_the_default_workers(model, tmp_path, caplog):
+    """The embedding cache is keyed by the checkpoint's content; `--workers 2` (the default) on a one-shard split
+    uses one loader worker instead of failing."""
+    import shutil
+
+    export, tokenizer = model
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(export, ckpt)
+    root, out = _kinetics(tmp_path / "K400", ["playing guitar", "riding a bike", "yoga"]), tmp_path / "bench"
+    quick = [a for a in QUICK if a not in ("--workers", "1")]
+    with caplog.at_level("INFO", logger="eval.embed"):
+        assert _bench("kinetics400", root, ckpt, out, tokenizer, *quick) == 0
+    assert "1 shard(s), so 1 loader worker(s) per rank instead of 2" in caplog.text
+    first = json.loads((out / "kinetics400.json").read_text())
+    _reexport(export, ckpt)
+    assert _bench("kinetics400", root, ckpt, out, tokenizer, *quick) == 0
+    second = json.loads((out / "kinetics400.json").read_text())
+    assert first["fingerprint"] != second["fingerprint"]
+    dirs = sorted((out / "kinetics400").glob("emb_val-*"))
+    assert len(dirs) == 2  # embedded anew, next to the first checkpoint's
+    made = {json.loads((d / "embed.json").read_text())["fingerprint"] for d in dirs}
+    assert made == {first["fingerprint"], second["fingerprint"]}
+
+
+def test_a_video_downloaded_after_the_first_run_is_built_and_scored_on_the_next(model, tmp_path, caplog):
+    export, tokenizer = model
+    labels = ["playing guitar", "riding a bike", "yoga", "yoga"]
+    root, out = _kinetics(tmp_path / "K400", labels, present={0, 1, 2}), tmp_path / "bench"
+    assert _bench("kinetics400", root, export, out, tokenizer, *QUICK) == 0
+    videos = json.loads((out / "kinetics400.json").read_text())["videos"]["val"]
+    assert videos == {"listed": 4, "built": 3, "scored": 3, "failed": 1, "skipped": 0, "too_few": True}
+    _video(root / "val" / "k4000000003_000000_000002.mp4", "-0.4", seconds=2.0)  # downloaded since
+    with caplog.at_level("WARNING"):
+        assert _bench("kinetics400", root, export, out, tokenizer, *QUICK) == 0
+    assert "1 listed video(s) missing when it was built are under" in caplog.text
+    assert "building the split again" in caplog.text
+    result = json.loads((out / "kinetics400.json").read_text())
+    assert result["videos"]["val"] == {"listed": 4, "built": 4, "scored": 4, "failed": 0, "skipped": 0, "too_few": True}
+    assert result["metrics"]["videos"] == 4 and len(list((out / "kinetics400").glob("emb_val-*"))) == 1
+
+
+def test_a_sample_skipped_at_embed_is_counted_and_flagged(model, tmp_path, capsys):
+    """A corrupt mp4 member is built into the shards but skipped by the loader: 3 of 4 scored, and said so."""
+    import shutil
+
+    from data_prep.shards import write_shard
+    from pipeline.dataset import iter_samples
+
+    export, tokenizer = model
+    root = _kinetics(tmp_path / "K400", ["playing guitar", "riding a bike", "yoga", "yoga"])
+    out = tmp_path / "bench"
+    assert _bench("kinetics400", root, export, out, tokenizer, *QUICK) == 0
+    (shard,) = (out / "kinetics400" / "data_val" / "shards").glob("*.tar")
+    with open(shard, "rb") as f:
+        samples = list(iter_samples(f))
+    samples[1][1]["mp4"] = b"\x00\x00\x00\x18ftypmp42 not a video any more"
+    write_shard(str(shard), samples)
+    for emb in (out / "kinetics400").glob("emb_val-*"):
+        shutil.rmtree(emb)
+    capsys.readouterr()
+    assert _bench("kinetics400", root, export, out, tokenizer, *QUICK) == 0
+    result = json.loads((out / "kinetics400.json").read_text())
+    assert result["videos"]["val"] == {"listed": 4, "built": 4, "scored": 3, "failed": 0, "skipped": 1, "too_few": True}
+    assert result["metrics"]["videos"] == 3
+    assert any("3 of the 4 built samples were scored (1 skipped at embed" in w for w in result["warnings"])
+    table = capsys.readouterr().out
+    assert "videos val: 4 listed, 4 built, 3 scored (0 failed at build, 1 skipped at embed)" in table
+    assert "! val: 3 of the 4 built samples were scored" in table
+
+
+def test_no_videos_in_place_is_one_line_naming_the_folder_and_keeps_no_build(model, tmp_path, capsys):
+    export, tokenizer = model
+    root = tmp_path / "MSRVTT"
+    (root / "videos").mkdir(parents=True)
+    rows = ["key,vid_key,video_id,sentence"] + [f"ret{i},msr{7000 + i},video{7000 + i},a clip {i}" for i in range(3)]
+    (root / "MSRVTT_JSFUSION_test.csv").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "bench"
+    capsys.readouterr()
+    assert _bench("msrvtt", root, export, out, tokenizer, *QUICK) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the build's progress bars
+    assert err.startswith("vatp eval benchmark: error: ") and "data.num_workers" not in err
+    assert f"{root / 'videos'} holds none of the 3 videos that MSRVTT_JSFUSION_test.csv lists" in err
+    assert "video7000.*" in err
+    assert not (out / "msrvtt" / "data_test").exists()  # not kept: the next run builds again
+    for i in range(3):
+        _video(root / "videos" / f"video{7000 + i}.mp4", f"{0.8 - 0.8 * i:.1f}")
+    assert _bench("msrvtt", root, export, out, tokenizer, *QUICK) == 0
+    assert json.loads((out / "msrvtt.json").read_text())["videos"]["test"]["scored"] == 3
+
+
+def test_what_the_benchmark_needs_is_checked_before_anything_is_built(model, tmp_path, capsys):
+    from models.towers import ModelConfig, SpaceConfig, build_model, save_exported
+
+    export, tokenizer = model
+    cfg = ModelConfig(video="s3d_tiny", audio="audio_tiny", spaces=[SpaceConfig("va", ["video", "audio"], dim=16)])
+    va = tmp_path / "va_export"  # a video-audio model: no text tower, no video-text space
+    save_exported(build_model(cfg), cfg, va)
+    root = tmp_path / "MSRVTT"
+    _video(root / "videos" / "video7000.mp4", "0.8")
+    (root / "MSRVTT_JSFUSION_test.csv").write_text("key,vid_key,video_id,sentence\nret0,msr7000,video7000,a clip\n")
+    out = tmp_path / "bench"
+    for name, where in (("msrvtt", root), ("kinetics400", _kinetics(tmp_path / "K400", ["yoga", "dancing"]))):
+        capsys.readouterr()
+        assert _bench(name, where, va, out, tokenizer, *QUICK) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "has no space of video and text (its spaces: va (video+audio))" in err
+        assert not (out / name).exists()  # refused before building or embedding
+    # One class on disk: nothing to tell apart, refused rather than printed as 100 %.
+    one = _kinetics(tmp_path / "K400one", ["yoga", "yoga", "yoga"])
+    assert _bench("kinetics400", one, export, out, tokenizer, *QUICK) == 2
+    assert "the val split has videos of 1 class(es) (yoga): there is nothing to tell apart" in capsys.readouterr().err
+
+
+def test_the_current_kinetics_download_and_hmdb51_class_folders_under_root(model, tmp_path):
+    export, tokenizer = model
+    k400 = _kinetics(tmp_path / "k400", ["yoga", "dancing"], csv=("annotations", "val.csv"), split="val")
+    out = tmp_path / "nested" / "bench"  # --out's parents are created
+    assert _bench("kinetics400", k400, export, out, tokenizer, *QUICK) == 0
+    assert json.loads((out / "kinetics400.json").read_text())["metrics"]["videos"] == 2
+    root = tmp_path / "HMDB51"
+    splits = root / "testTrainMulti_7030_splits"
+    splits.mkdir(parents=True)
+    for label, colour in [("brush_hair", "0.8"), ("cartwheel", "-0.8")]:
+        lines = []
+        for i, kind in enumerate([1, 1, 2]):
+            _video(root / label / f"{label}_clip_{i}.avi", colour)  # the class folders right under --root
+            lines.append(f"{label}_clip_{i}.avi {kind} ")
+        (splits / f"{label}_test_split1.txt").write_text("\n".join(lines) + "\n")
+    assert _bench("hmdb51", root, export, out, tokenizer, *QUICK) == 0
+    m = json.loads((out / "hmdb51.json").read_text())["metrics"]
+    assert (m["train"], m["test"], m["classes"]) == (4, 2, 2)

@@ -86,7 +86,9 @@ def test_rows_equal_a_direct_forward_of_the_model(setup, single):
     for m in ("video", "audio"):  # backbone features: the windows' mean, as the model computed them
         feat = out[f"{m}/feat"].float().reshape(len(rows), WINDOWS, -1).mean(1).numpy()
         np.testing.assert_allclose(single.get(f"{m}_feat")[rows], feat, rtol=2e-3, atol=2e-3)
-    first_caption = out["text@vt"][0, 0]
+    first = {"text": batch["captions"][:1, None], "text_mask": batch["captions_mask"][:1, None]}  # (1, 1, L)
+    with torch.no_grad():
+        first_caption = model.module(first)["text@vt"][0, 0]
     np.testing.assert_allclose(
         single.get("text@vt")[np.flatnonzero(single.caption_video == rows[0])[0]],
         torch.nn.functional.normalize(first_caption, dim=-1).numpy(),
@@ -422,3 +424,201 @@ def test_a_dot_product_space_is_stored_unnormalised_and_ranked_by_the_dot_produc
     assert not np.allclose(np.linalg.norm(emb.get("text@vt"), axis=1), 1.0, atol=1e-2)  # captions kept raw too
     assert evaluate_retrieval(emb)["text->video@vt"]["similarity"] == "dot"
     assert evaluate_retrieval(read_embeddings(tmp_path / "emb"))["video->text@vt"]["similarity"] == "dot"
+
+
+def test_a_sample_with_thousands_of_captions_is_embedded_in_chunks_and_pads_no_other_row(setup, tmp_path):
+    """A broken subtitle file can give one sample tens of thousands of cues: every one is embedded, the text tower
+    sees at most TEXT_CHUNK of them at a time, and no other row of the batch is padded to as many."""
+    from data_prep.shards import write_shard
+    from eval.embed import TEXT_CHUNK, LoadedModel
+    from pipeline.dataset import iter_samples, shard_paths
+
+    data, export = setup
+    ds = tmp_path / "data"
+    shutil.copytree(data, ds)
+    shard = shard_paths(ds)[0]
+    with open(shard, "rb") as f:
+        samples = list(iter_samples(f))
+    meta = json.loads(samples[0][1]["json"])
+    cues = 3 * TEXT_CHUNK + 7
+    meta["captions"] = [{"start": 0.0, "end": 0.1, "text": f"a red ball bounces {i % 7}"} for i in range(cues)]
+    samples[0][1]["json"] = json.dumps(meta).encode()
+    write_shard(str(shard), samples)
+
+    model = load_model(export, tokenizer=ds / "tokenizer.model")
+    text_rows = []
+
+    class CountingModel(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.dot_product_spaces = inner, inner.dot_product_spaces
+
+        def forward(self, batch):
+            if "text" in batch:
+                text_rows.append(batch["text"].shape[0] * batch["text"].shape[1])
+            return self.inner(batch)
+
+    counting = LoadedModel(
+        CountingModel(model.module), model.contracts, model.tokenize, model.source, model.path, model.tokenizer
+    )
+    embed_dataset(counting, ds, tmp_path / "emb", windows=1, batch_size=8, num_workers=0)
+    emb = read_embeddings(tmp_path / "emb")
+    counts = np.bincount(emb.caption_video, minlength=len(emb.meta))
+    assert counts[0] == cues and counts.tolist() == [len(m["captions"]) for m in emb.meta]
+    assert emb.get("text@vt").shape[0] == counts.sum()
+    assert max(text_rows) <= TEXT_CHUNK  # the flat captions go through the text tower in chunks
+    others = emb.get("text@vt")[counts[0] :]
+    single = read_embeddings(tmp_path / "emb")
+    assert np.isfinite(others).all() and single.meta[1]["captions"] == [c for c in single.meta[1]["captions"]]
+
+
+def _reexport(export: Path, dest: Path, shift: float = 0.05) -> Path:
+    """`export`'s model with its first weight shifted by `shift`, exported to `dest`: another checkpoint."""
+    from models.towers import load_exported, save_exported
+
+    module, cfg = load_exported(export)
+    with torch.no_grad():
+        next(module.parameters()).add_(shift)
+    save_exported(module, cfg, dest)
+    return dest
+
+
+def test_the_fingerprint_follows_the_content_and_is_hashed_once_per_file_version(setup, tmp_path):
+    from eval.embed_files import checkpoint_fingerprint, file_digest
+
+    _, export = setup
+    copy = tmp_path / "copy"
+    shutil.copytree(export, copy)
+    assert checkpoint_fingerprint(copy) == checkpoint_fingerprint(export)  # a copy is the same checkpoint
+    assert checkpoint_fingerprint(copy / "model.safetensors") == checkpoint_fingerprint(copy)
+    before = checkpoint_fingerprint(copy)
+    _reexport(export, copy)  # re-exported to the same path
+    assert checkpoint_fingerprint(copy) != before
+    weights = copy / "model.safetensors"
+    digest, st = file_digest(weights), weights.stat()
+    raw = bytearray(weights.read_bytes())
+    raw[-1] ^= 1
+    with open(weights, "r+b") as f:  # same inode, size and mtime: the cached digest is used, nothing is read
+        f.write(raw)
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert file_digest(weights) == digest
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # a new mtime: hashed again
+    assert file_digest(weights) != digest
+
+
+def test_a_folder_made_by_another_checkpoint_or_protocol_is_refused_complete_or_partial(
+    setup, single, tmp_path, caplog
+):
+    import re
+
+    import eval.embed as E
+    from eval.embed_files import checkpoint_fingerprint
+
+    data, export = setup
+    other = _reexport(export, tmp_path / "other")
+    a, b = checkpoint_fingerprint(export), checkpoint_fingerprint(other)
+    assert single.info["fingerprint"] == a and single.info["protocol"]["windows"] == WINDOWS
+    model_b = load_model(other, tokenizer=data / "tokenizer.model")
+    done = tmp_path / "done"
+    shutil.copytree(single.root, done)
+    refusal = f"{done} was made with checkpoint {export} (fingerprint {a}), not {other} (fingerprint {b}): "
+    with pytest.raises(ValueError, match=re.escape(refusal + "choose another --out or delete it")):
+        embed_dataset(model_b, data, done, windows=WINDOWS, batch_size=3, num_workers=0)
+    with pytest.raises(ValueError, match=f"{done} was made with windows={WINDOWS}, not windows=1: choose another"):
+        embed_dataset(load_model(export, tokenizer=data / "tokenizer.model"), data, done, windows=1, num_workers=0)
+
+    # Partial: the fingerprint is recorded before the first part, so a resume with another checkpoint is refused.
+    partial = tmp_path / "partial"
+    real = E._embed_batch
+    calls = {"n": 0}
+
+    def crash_after_two(*args, **kw):
+        calls["n"] += 1
+        if calls["n"] > 2:
+            raise KeyboardInterrupt
+        return real(*args, **kw)
+
+    E._embed_batch = crash_after_two
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            _embed_flush1(setup, partial)
+    finally:
+        E._embed_batch = real
+    assert json.loads((partial / "embed.started.json").read_text())["fingerprint"] == a
+    parts = sorted(p.name for p in (partial / "parts").glob("*.npz"))
+    assert len(parts) == 2
+    with pytest.raises(ValueError, match=re.escape(f"{partial} was made with checkpoint {export} (fingerprint {a})")):
+        embed_dataset(model_b, data, partial, windows=WINDOWS, batch_size=3, num_workers=0)
+    assert sorted(p.name for p in (partial / "parts").glob("*.npz")) == parts  # nothing of B's was added
+    assert embed(setup, partial)["embedded"] == 2  # the checkpoint that started it finishes it
+    np.testing.assert_array_equal(read_embeddings(partial).arrays["video@va"], single.arrays["video@va"])
+    assert not (partial / "embed.started.json").exists()
+
+    # A folder written before fingerprints were recorded: a warning, and it is used as it is.
+    info = json.loads((done / "embed.json").read_text())
+    del info["fingerprint"], info["protocol"]
+    (done / "embed.json").write_text(json.dumps(info))
+    with caplog.at_level("WARNING"):
+        assert embed_dataset(model_b, data, done, windows=WINDOWS, num_workers=0)["embedded"] == 0
+    assert f"cannot check that {other} made it" in caplog.text
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")  # 4 workers on a 2-core machine, on purpose
+def test_loader_workers_are_capped_at_the_shards_and_out_parents_are_created(setup, tmp_path, caplog):
+    data, export = setup
+    model = load_model(export, tokenizer=data / "tokenizer.model")
+    out = tmp_path / "not" / "yet" / "emb"
+    with caplog.at_level("INFO", logger="eval.embed"):
+        embed_dataset(model, data, out, windows=1, batch_size=4, num_workers=6)
+    assert "4 shard(s), so 4 loader worker(s) per rank instead of 6" in caplog.text
+    assert [m["idx"] for m in read_embeddings(out).meta] == list(range(8))
+
+
+def _wait_for_lock(lock: Path, proc, timeout: float = 120.0) -> None:
+    """Until `proc` has written its pid into `lock` (it holds the output), or fail with its output."""
+    import time
+
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if lock.is_file() and lock.read_text().strip() == str(proc.pid):
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"the first process ended before it held {lock}: {proc.communicate()[0].decode()}")
+        time.sleep(0.02)
+    pytest.fail(f"no pid in {lock} after {timeout} s")
+
+
+@pytest.mark.timeout(300)
+def test_two_embeds_into_one_folder_at_once_the_second_is_refused_the_first_finishes(setup, single, tmp_path):
+    """Two real `vatp embed` processes: the second finds the output locked (the first is held still while it
+    tries), exits 2 with one line naming the first's pid, and the first's embeddings are complete and right."""
+    import signal
+    import subprocess
+    import sys
+
+    data, export = setup
+    out = tmp_path / "emb"
+    cmd = [sys.executable, "-m", "launch.cli", "embed", "--checkpoint", str(export), "--data", str(data)]
+    cmd += ["--out", str(out), "--device", "cpu", "--set", f"windows={WINDOWS}", "--set", "batch_size=1"]
+    cmd += ["--set", "workers=0"]
+    drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS")
+    env = {**{k: v for k, v in os.environ.items() if k not in drop}, "OMP_NUM_THREADS": "1"}
+    repo = Path(__file__).resolve().parents[1]
+    first = subprocess.Popen(cmd, cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        _wait_for_lock(out / ".lock", first)
+        os.kill(first.pid, signal.SIGSTOP)
+        second = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, timeout=120)
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+    output = first.communicate(timeout=240)[0].decode()
+    err = second.stderr.decode().strip().splitlines()
+    assert second.returncode == 2 and first.returncode == 0, output
+    assert err[-1] == (
+        f"vatp embed: error: {out} is being written by another vatp process (pid {first.pid}): "
+        "wait for it or choose another --out"
+    )
+    emb = read_embeddings(out)
+    assert [m["idx"] for m in emb.meta] == list(range(8))
+    np.testing.assert_allclose(emb.get("video@va"), single.get("video@va"), atol=2e-3)
+    assert (out / ".lock").read_text() == ""  # released: nobody holds it

@@ -90,3 +90,27 @@ def test_readable_output_and_bad_queries(export, tmp_path, capsys):
     assert "give either" in capsys.readouterr().err
     with pytest.raises(ValueError, match="empty"):
         text_query(model, "  ")
+
+
+def test_embeddings_of_another_checkpoint_and_a_space_without_text_are_refused(export, tmp_path, capsys):
+    from eval.embed_files import checkpoint_fingerprint
+
+    ckpt, data = export
+    model = load_model(ckpt, tokenizer=data / "tokenizer.model")
+    emb = planted_dir(tmp_path / "emb", text_query(model, "a cat"), row=0, window=1)
+    base = ["search", "a cat", "--embeddings", str(emb), "--checkpoint", str(ckpt)]
+    base += ["--tokenizer", str(data / "tokenizer.model")]
+    (emb / "embed.json").write_text(json.dumps({"rows": 8, "checkpoint": "runs/b/export", "fingerprint": "0" * 16}))
+    capsys.readouterr()
+    assert main(base) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert f"with checkpoint runs/b/export (fingerprint {'0' * 16}), not {ckpt}" in err
+    assert f"(fingerprint {checkpoint_fingerprint(ckpt)})" in err
+    info = {"rows": 8, "checkpoint": str(ckpt), "fingerprint": checkpoint_fingerprint(ckpt), "windows": 3}
+    (emb / "embed.json").write_text(json.dumps(info))
+    assert main(base) == 0  # the checkpoint that made it
+    capsys.readouterr()
+    assert main([*base, "--space", "va"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--space va:" in err and "(spaces with both: vt)" in err

@@ -263,3 +263,14 @@ def test_tokenizer_rule(tmp_path):
     assert find_tokenizer(None, str(bare), str(bare)) is None
     assert find_tokenizer(None, str(bare), str(tmp_path / "moved")) is None  # dataset no longer there
     assert find_tokenizer(None, str(bare), None) is None
+
+
+def test_out_folders_that_do_not_exist_yet_are_created(tmp_path):
+    emb = planted(tmp_path / "emb")
+    new = tmp_path / "not" / "yet"
+    assert main(["eval", "retrieval", str(emb), "--out", str(new / "r" / "retrieval.json")]) == 0
+    assert json.loads((new / "r" / "retrieval.json").read_text())
+    assert main(["eval", "cluster", str(emb), "--k", "3", "--out", str(new / "c" / "clusters")]) == 0
+    assert (new / "c" / "clusters" / "clusters.json").is_file()
+    assert main(["report", str(emb), "--k", "3", "--out", str(new / "report")]) == 0
+    assert (new / "report" / "index.html").is_file()

@@ -358,3 +358,15 @@ def test_corrupt_export_is_a_value_error_naming_the_file(tmp_path, content):
     (tmp_path / "model.yaml").write_text("video: [unclosed\n")
     with pytest.raises(ValueError, match="model.yaml is not valid YAML"):
         load_exported(tmp_path)
+
+
+def test_exporting_the_same_weights_twice_writes_the_same_bytes(tmp_path):
+    """Embeddings are keyed by the export's content: a re-export of unchanged weights must not look like another
+    checkpoint (safetensors writes its metadata map in hash order, different from one save to the next)."""
+    cfg = fac_config()
+    model = build_model(cfg)
+    blobs = set()
+    for i in range(6):
+        save_exported(model, cfg, tmp_path / f"export{i}")
+        blobs.add((tmp_path / f"export{i}" / "model.safetensors").read_bytes())
+    assert len(blobs) == 1
