@@ -8,6 +8,8 @@ import sys
 
 from launch import cmd_data, cmd_eval, cmd_models, cmd_train
 
+log = logging.getLogger("vatp")
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -53,6 +55,12 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:  # user errors (bad config, bad paths, bad values) end with one clear line
         print(f"vatp {command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # the machine's: a full disk, a read-only or missing folder, no permission
+        if args.verbose:
+            log.exception("vatp %s", command)
+        where = f": {e.filename}" if e.filename else ""
+        print(f"vatp {command}: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -90,11 +90,30 @@ def resolve_recipe(name: str) -> Path:
     raise ValueError(f"recipe {name!r} not found (not a file, a run directory, or one of: {known})")
 
 
+def run_dir_location(recipe: str) -> list[str]:
+    """`run.runs_dir` / `run.name` overrides that keep a run directory where it is now.
+
+    A run directory's config.yaml records where the run was started; after the directory is copied or moved,
+    resuming from it must write its checkpoints here, not into the original run (whose oldest checkpoints the
+    pruning would delete). The user's own `--set run.runs_dir/run.name` still win (they come later)."""
+    path = Path(recipe)
+    if not (path.is_dir() and (path / "config.yaml").is_file()):
+        return []
+    from pipeline.config import load_yaml
+
+    here = path.resolve()
+    saved = load_yaml(path / "config.yaml").get("run") or {}
+    was = Path(str(saved.get("runs_dir", "runs"))) / str(saved.get("name", here.name))
+    if was.resolve() != here and _is_main():
+        print(f"vatp train: {path} was started as {was}; it continues here", file=sys.stderr)
+    return [f"run.runs_dir={json.dumps(str(here.parent))}", f"run.name={json.dumps(here.name)}"]
+
+
 def run_train(args: argparse.Namespace) -> int:
     from pipeline.train import EXIT_STOPPED, TrainingDiverged, train
     from pipeline.train_config import load_train_config
 
-    cfg = load_train_config(resolve_recipe(args.recipe), args.overrides)
+    cfg = load_train_config(resolve_recipe(args.recipe), [*run_dir_location(args.recipe), *args.overrides])
     resume = args.resume
     if args.auto_resume and not resume:
         from pipeline.checkpoint import latest_tag

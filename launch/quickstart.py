@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.checkpoint import environment
 from pipeline.dataset import DATASET_JSON, TOKENIZER_NAME, shard_paths
 
 log = logging.getLogger(__name__)
@@ -106,7 +107,9 @@ def quickstart(
         train(cfg, resume=tag is not None)
     timings["train_s"] = time.perf_counter() - t1
     trained_dir = export_run(run_dir)
-    random_dir = export_random_init(cfg, run_dir / "random_init", tokenizer=tokenizer)
+    random_dir = run_dir / "random_init"
+    if not (random_dir / TOKENIZER_NAME).is_file():  # written last; made once: its embeddings are keyed by its bytes
+        export_random_init(cfg, random_dir, tokenizer=tokenizer)
 
     # ---- evaluate both on the held-out split
     rows = {}
@@ -119,9 +122,10 @@ def quickstart(
     timings["total_s"] = time.perf_counter() - t0
     result = {"objective": objective, "rows": rows, "timings": timings, "run_dir": str(run_dir)}
     result["test_dir"] = str(test_dir)
+    result["environment"] = environment()  # the same seed gives the same table only on the same CPU type + versions
     summary = out / ("quickstart.json" if objective == "milnce" else f"quickstart_{objective}.json")
     summary.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    print(format_table(rows, timings, out, objective))
+    print(format_table(rows, timings, out, objective, result["environment"]))
     return result
 
 
@@ -217,7 +221,11 @@ def evaluate(
 
 
 def format_table(
-    rows: dict[str, dict[str, float]], timings: dict[str, float], out: Path, objective: str = "milnce"
+    rows: dict[str, dict[str, float]],
+    timings: dict[str, float],
+    out: Path,
+    objective: str = "milnce",
+    env: dict | None = None,
 ) -> str:
     """The closing one-screen summary: trained vs random init on the held-out split."""
     cols = COLUMNS[objective]
@@ -239,6 +247,13 @@ def format_table(
     lines.append(
         f"time: data {timings['data_s']:.0f} s, training {timings['train_s']:.0f} s, total {timings['total_s']:.0f} s"
     )
+    if env is not None:
+        v = env["versions"]
+        lines.append(
+            f"environment: {env['cpu']} ({env['cpu_capability']}), torch {v['torch']}, {env['torch_threads']} "
+            f"thread(s), FAISS {v['faiss-cpu']}, PyAV {v['av']}, ffmpeg {env['ffmpeg']} (the same seed repeats "
+            "this table on the same CPU type and versions)"
+        )
     report = "report" if objective == "milnce" else f"report_{objective}"
     lines.append(f"outputs: {out} (runs/, embed/, quickstart*.json; the trained model's clusters: {report}/index.html)")
     return "\n".join(lines)

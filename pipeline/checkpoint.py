@@ -91,14 +91,48 @@ def package_versions() -> dict[str, str]:
 
     versions = {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__}
     versions["cuda"] = torch.version.cuda or "none"
-    for name in ("deepspeed", "webdataset", "vatp"):
-        try:
-            from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
+    for name in ("deepspeed", "webdataset", "faiss-cpu", "av", "decord", "sentencepiece", "imageio-ffmpeg", "vatp"):
+        try:
             versions[name] = version(name)
-        except Exception:  # noqa: BLE001 - a missing distribution is reported, not fatal
+        except PackageNotFoundError:  # a missing distribution is reported, not fatal
             versions[name] = "unknown"
     return versions
+
+
+def environment() -> dict:
+    """What decides whether a run's numbers reproduce bit for bit: the CPU (its vector instructions pick torch's
+    and FAISS's kernels, whose float sums round differently), the thread count, and the library versions (the
+    ffmpeg binary encodes the shards, PyAV and decord decode them)."""
+    return {
+        "machine": platform.machine(),
+        "cpu": _cpu_model(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "torch_threads": torch.get_num_threads(),
+        "versions": package_versions(),
+        "ffmpeg": _ffmpeg_version(),
+    }
+
+
+def _ffmpeg_version() -> str:
+    try:
+        import imageio_ffmpeg
+
+        return imageio_ffmpeg.get_ffmpeg_version()
+    except Exception:  # noqa: BLE001 - reported, not fatal: the binary is only needed by the data build
+        return "unknown"
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
 
 
 def record_launch(run_dir: Path, *, world_size: int, resumed_from: str | None) -> None:
@@ -109,7 +143,7 @@ def record_launch(run_dir: Path, *, world_size: int, resumed_from: str | None) -
         "host": platform.node(),
         "world_size": world_size,
         "resumed_from": resumed_from,
-        "versions": package_versions(),
+        **environment(),
     }
     with open(run_dir / "launches.jsonl", "a", encoding="utf-8") as f:
         f.write(json.dumps(line) + "\n")

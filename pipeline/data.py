@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import webdataset as wds
 
+from pipeline import batch_memory
 from pipeline.augment import augment_batch
 from pipeline.data_config import DataConfig, DatasetSource, check_resolved
 from pipeline.dataset import DATASET_JSON, SHARDS_DIR, iter_json_members, read_dataset_json, tokenizer_path
@@ -100,6 +101,7 @@ def _make_loader(cfg: DataConfig, *, rank: int, world_size: int, seed: int, trai
             f"exact mode needs at least ranks x workers = {world_size} x {workers} shards, found {len(shards)}: "
             f"lower data.num_workers or write smaller shards"
         )
+    batch_memory.check_shared_memory(cfg, augmented=in_workers and cfg.views != "eval")
     state = EpochState(seed=seed, rank=rank, world_size=world_size)
     skips = SkipCounter(cfg.max_consecutive_rejects)
     resampled = cfg.mode == "resampled"
@@ -192,7 +194,7 @@ class Loader:
             s.resume_at = s.batches_seen
             self._restart_buffers()
             batches = iter(self._data_loader(self.dataset, persistent=False))
-        for batch in batches:
+        for batch in self._named_failures(batches):
             batch = unpack_tensors(batch)
             for reason, n in batch.pop("_skipped", {}).items():
                 self.skipped[reason] = self.skipped.get(reason, 0) + int(n)
@@ -204,6 +206,19 @@ class Loader:
         if self.skipped:
             log.info("epoch %d: skipped samples by reason: %s", s.epoch, self.skipped)
         s.epoch, s.batches_seen = s.epoch + 1, 0
+
+    def _named_failures(self, batches):
+        """`batches`, with a worker's running out of shared memory turned into one line that says what it needs."""
+        try:
+            yield from batches
+        except RuntimeError as e:
+            if not batch_memory.is_shared_memory_failure(e):
+                raise
+            self.close()
+            augmented = augment_in_workers(self.cfg, self.device) and self.cfg.views != "eval"
+            need = batch_memory.shared_memory_needed(self.cfg, augmented)
+            free, total = batch_memory.shared_memory_state()
+            raise ValueError(batch_memory.shortage_message(self.cfg, need, free, total)) from None
 
     def _streams(self) -> bool:
         """Resampled mode with workers keeps one worker pool across epochs (see `EpochStream`); every worker must

@@ -100,7 +100,7 @@ def iter_tar_members(stream: BinaryIO, wanted: Callable[[str], bool]) -> Iterato
             raise ValueError("truncated tar header")
         _check_tar_checksum(header)
         kind = header[156:157]
-        size = int(pax.get("size", "")) if "size" in pax else _tar_number(header[124:136])
+        size = _pax_size(pax["size"]) if "size" in pax else _tar_number(header[124:136])
         name = long_name or pax.get("path") or _tar_name(header)
         if kind in (b"L", b"x"):  # GNU long name / pax extended header: it describes the next member
             data = _read_exact(stream, size, name)
@@ -145,29 +145,60 @@ def _check_tar_checksum(header: bytes) -> None:
         raise ValueError("bad tar header checksum (not a tar file, or corrupt)")
 
 
+def _pax_size(value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"bad pax size record {value[:40]!r}") from None
+
+
 def _pax_records(data: bytes) -> dict[str, str]:
     records, pos = {}, 0
     while pos < len(data):
         space = data.index(b" ", pos)
         length = int(data[pos:space])
+        if length <= space - pos:
+            raise ValueError(f"bad pax record length {length}")
         key, _, value = data[space + 1 : pos + length - 1].partition(b"=")
         records[key.decode("utf-8", "replace")] = value.decode("utf-8", "replace")
         pos += length
     return records
 
 
+READ_CHUNK = 64 << 20  # a member is read in pieces of this much, so a header that lies about its size is not trusted
+
+
 def _read_exact(stream: BinaryIO, size: int, name: str) -> bytes:
-    data = stream.read(size)
-    if len(data) < size:
-        raise ValueError(f"truncated tar member {name!r}: {len(data)} of {size} bytes")
-    return data
+    """`size` bytes of a member. A size larger than what is left of a file is refused before anything is read;
+    a stream of unknown length is read in pieces, so a lying header costs at most what the stream holds."""
+    if size < 0:
+        raise ValueError(f"tar member {name!r} has a negative size {size}")
+    if stream.seekable():
+        here = stream.tell()
+        left = stream.seek(0, io.SEEK_END) - here
+        stream.seek(here)
+        if size > left:
+            raise ValueError(f"truncated tar member {name!r}: its header says {size} bytes, {left} are left")
+        return stream.read(size)
+    pieces, got = [], 0
+    while got < size:
+        piece = stream.read(min(size - got, READ_CHUNK))
+        if not piece:
+            raise ValueError(f"truncated tar member {name!r}: {got} of {size} bytes")
+        pieces.append(piece)
+        got += len(piece)
+    return b"".join(pieces)
 
 
 def _skip(stream: BinaryIO, size: int) -> None:
     if size <= 0:
         return
     if stream.seekable():
-        stream.seek(size, io.SEEK_CUR)
+        here = stream.tell()
+        end = stream.seek(0, io.SEEK_END)
+        if here + size > end:
+            raise ValueError(f"truncated tar stream: a member needs {size} bytes, {end - here} are left")
+        stream.seek(here + size)
     else:
         while size > 0:
             chunk = stream.read(min(size, 1 << 20))

@@ -297,7 +297,9 @@ class BatchSamples:
 
 
 def collate_rows(rows: list[dict], skipped: dict[str, int], buffers: VideoBuffers | None = None) -> dict:
-    """Stack rows into a batch; caption rows (`text`, `text_mask`) are padded to the longest K in the batch.
+    """Stack rows into a batch; caption rows (`text`, `text_mask`) are padded to the longest K in the batch, eval
+    captions (`captions`, `captions_mask`) are concatenated `(sum K, L)` with `caption_count (B,)`, so one
+    sample with thousands of subtitle cues does not pad every other row to as many.
 
     `video` windows are copied once into a uint8 `(B, V, T, H, W, 3)` buffer (each at the top-left of its slot,
     the slot as large as the batch's largest window, the rest zero) and handed over as the `(B, V, C, T, H, W)`
@@ -323,6 +325,9 @@ def collate_rows(rows: list[dict], skipped: dict[str, int], buffers: VideoBuffer
         elif key in ("text", "text_mask"):
             k = max(v.shape[0] for v in values)
             batch[key] = torch.stack([torch.cat([v, v.new_zeros(k - v.shape[0], *v.shape[1:])]) for v in values])
+        elif key in ("captions", "captions_mask"):  # eval: every caption of every sample, one after the other
+            batch[key] = torch.cat(values)
+            batch["caption_count"] = torch.tensor([len(v) for v in values], dtype=torch.int64)
         else:
             batch[key] = torch.stack(values)
     if skipped:

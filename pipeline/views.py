@@ -5,7 +5,8 @@ A checked sample is `{"key", "video": mp4 bytes, "audio": flac/wav bytes | None,
 more: `video`, a list of V `VideoWindow`s (the decoded frames of each view's crop box, not yet copied), and for
 training views `video_aug (V, 6)` with the parameters the batched augmentation step applies
 (`pipeline.augment`); when enabled `audio (V, 1, F, Ta)` log-mels (+ `audio_aug (V, 5)`), `text (K, L)` +
-`text_mask`; and `idx`, `label`, `has_audio` as Python values. `pipeline.stages.collate_rows` turns rows into
+`text_mask` (eval views: every caption, `captions (K, L)` + `captions_mask`); and `idx`, `label`, `has_audio`
+as Python values. `pipeline.stages.collate_rows` turns rows into
 the batch of DESIGN.md. All randomness comes from the `rng` argument.
 """
 
@@ -114,7 +115,8 @@ def sample_eval(sample: dict, cfg: DataConfig, rng: np.random.Generator, tokeniz
 
     Deterministic: `rng` is not used. Frames are decoded straight at the model's size where the sample's json
     gives the stored frame size (the decoder scales them), so the worker only cuts the centre square and no
-    augmentation step follows. Text is every caption of the sample (Kmax rows, padded per batch).
+    augmentation step follows. Text is every caption of the sample as `captions (K, L)` + `captions_mask`,
+    K varying from sample to sample (collation concatenates them and counts them in `caption_count`).
     """
     size = _scaled_size(sample["meta"], cfg.size)
     video, duration = _open(sample, cfg, size=size, train=False)
@@ -132,8 +134,9 @@ def sample_eval(sample: dict, cfg: DataConfig, rng: np.random.Generator, tokeniz
     if cfg.audio.enabled:
         out["audio"] = _audio_eval(sample, starts, cfg)  # (N, 1, F, Ta)
     caps = [c["text"] for c in sample["meta"].get("captions") or [] if c.get("text", "").strip()]
-    if cfg.text.enabled:
-        out.update(_tokenize(caps, cfg, tokenizer, rows=max(len(caps), 1)))
+    if cfg.text.enabled:  # every caption, however many: collated flat, not padded to the batch's longest list
+        tokens = _tokenize(caps, cfg, tokenizer, rows=len(caps))
+        out.update(captions=tokens["text"], captions_mask=tokens["text_mask"])
     if cfg.with_meta:
         meta = sample["meta"]
         out["meta"] = {"idx": sample["idx"], "id": meta.get("id"), "label": meta.get("label"), "captions": caps}

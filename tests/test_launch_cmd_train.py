@@ -46,3 +46,27 @@ def test_bad_override_ends_with_one_line_naming_the_key(capsys):
 def test_export_of_a_run_without_checkpoints_is_a_clear_error(tmp_path, capsys):
     assert main(["export", str(tmp_path)]) == 2
     assert "not a run directory (no config.yaml)" in capsys.readouterr().err
+
+
+@pytest.mark.usefixtures("restore_launcher_env")
+def test_resuming_a_copied_run_directory_writes_into_the_copy(dataset_with_tokenizer, tmp_path, capsys):
+    import shutil
+
+    from pipeline.checkpoint import latest_tag
+
+    settings = [
+        "--set", f"data.datasets=[{{path: {dataset_with_tokenizer}}}]", "--set", f"run.runs_dir={tmp_path / 'runs'}",
+        "--set", "run.batch_size=2", "--set", "data.num_workers=0", "--set", "run.tensorboard=false",
+        "--set", "run.keep_ckpts=1",
+    ]  # fmt: skip
+    assert main(["train", "quickstart_tiny", *settings, "--set", "run.steps=2", "--set", "run.ckpt_every=2"]) == 0
+    original = tmp_path / "runs" / "quickstart_tiny"
+    before = sorted(p.name for p in (original / "checkpoints").iterdir())
+    copy = tmp_path / "moved" / "copy"
+    shutil.copytree(original, copy)
+
+    assert main(["train", str(copy), "--resume", "--set", "run.steps=4", "--set", "run.ckpt_every=2"]) == 0
+    assert "was started as" in capsys.readouterr().err
+    assert latest_tag(copy) == "step_00000004"
+    assert sorted(p.name for p in (original / "checkpoints").iterdir()) == before  # untouched, nothing pruned
+    assert latest_tag(original) == "step_00000002"

@@ -8,6 +8,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 
 from launch.cli import main
 
@@ -54,6 +55,8 @@ def test_quickstart_runs_every_stage_and_a_rerun_reuses_them(tmp_path, capsys, r
     assert main(args) == 0
     again = json.loads((out / "quickstart.json").read_text())
     assert again["rows"] == rows
+    assert again["environment"]["cpu_capability"] and again["environment"]["versions"]["torch"] == torch.__version__
+    assert "environment:" in capsys.readouterr().out  # the table names what it was measured on
     assert (run_dir / "metrics.jsonl").stat().st_mtime == mtime  # no training step ran
 
     # Interrupted before its first checkpoint (the run dir has a config and metrics, no checkpoint): a re-run

@@ -321,7 +321,9 @@ def test_eval_loader_yields_every_sample_with_meta(tiny_dataset, tokenizer):
     assert len(batches) == loader.num_batches == 4
     assert sorted(int(i) for b in batches for i in b["idx"]) == list(range(8))
     b = batches[0]
-    assert b["video"].shape[:2] == (2, 2) and b["text"].shape[1] == b["text_mask"].shape[1]
+    assert b["video"].shape[:2] == (2, 2) and b["captions"].shape == b["captions_mask"].shape
+    counts = [len(m["captions"]) for m in b["meta"]]
+    assert b["caption_count"].tolist() == counts and len(b["captions"]) == sum(counts)  # flat, no padding rows
     assert [m["idx"] for m in b["meta"]] == b["idx"].tolist()
     assert all(isinstance(c, str) for m in b["meta"] for c in m["captions"])
 

@@ -95,3 +95,49 @@ def test_inspect_reports_a_member_outside_the_format(tiny_dataset, tmp_path):
     first.write_bytes(raw.getvalue())
     errors = inspect_dataset(ds).errors
     assert any(f"{key}.pyd" in e and "not part of the format" in e for e in errors), errors
+
+
+def _shard_with_lying_pax_size(path, samples) -> None:
+    """A shard whose second sample's json member carries a pax header claiming 10^15 bytes."""
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        for n, (key, files) in enumerate(samples):
+            for ext, data in sorted(files.items()):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                if n == 1 and ext == "json":
+                    info.pax_headers = {"size": str(10**15)}
+                tar.addfile(info, io.BytesIO(data))
+
+
+def test_a_member_whose_pax_header_lies_about_its_size_is_a_damaged_shard_not_a_memory_error(tmp_path):
+    samples = [(sample_key(i), {"json": json.dumps({"idx": i}).encode(), "mp4": b"v"}) for i in range(3)]
+    _shard_with_lying_pax_size(tmp_path / "s.tar", samples)
+    with open(tmp_path / "s.tar", "rb") as f, pytest.raises(ValueError, match="truncated tar member"):
+        list(iter_samples(f))
+    with open(tmp_path / "s.tar", "rb") as f:  # a pipe (no seek): read in pieces until the stream ends
+        pipe = io.BufferedReader(io.BytesIO(f.read()))
+        pipe.seekable = lambda: False
+        with pytest.raises(ValueError, match="truncated tar member"):
+            list(iter_samples(pipe))
+
+
+def test_inspect_and_the_loader_count_a_shard_with_a_lying_pax_size(tiny_dataset, tmp_path):
+    from pipeline.data import make_eval_loader
+    from pipeline.data_config import DataConfig, DatasetSource
+
+    ds = tmp_path / "ds"
+    shutil.copytree(tiny_dataset, ds)
+    first = shard_paths(ds)[0]
+    with open(first, "rb") as f:
+        samples = list(iter_samples(f))
+    _shard_with_lying_pax_size(first, samples)
+    report = inspect_dataset(ds, decode=0)
+    assert not report.ok and any("truncated tar member" in e for e in report.errors)
+    cfg = DataConfig(
+        datasets=[DatasetSource(str(ds))], num_workers=0, batch_size=2, num_frames=4, size=32, fps=5.0,
+        mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0),
+    )  # fmt: skip
+    cfg.audio.enabled = cfg.text.enabled = False
+    loader = make_eval_loader(cfg)
+    idx = [int(i) for batch in loader for i in batch["idx"]]
+    assert loader.skipped.get("bad_shard") == 1 and len(idx) == 7  # the damaged sample lost, counted

@@ -78,7 +78,10 @@ def test_train_checkpoint_resume_continues_step_counter_and_weights(dataset, tmp
     assert starts[1]["param_checksum"] != ends[1]["param_checksum"]  # and kept training
     launches = [json.loads(x) for x in (run_dir / "launches.jsonl").read_text().splitlines()]
     assert [x["resumed_from"] for x in launches] == [None, "step_00000002"]
-    assert "deepspeed" in launches[0]["versions"]
+    assert "deepspeed" in launches[0]["versions"] and "av" in launches[0]["versions"]
+    # what decides whether the numbers repeat bit for bit is recorded with every (re)start
+    assert launches[0]["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and launches[0]["cpu"]
+    assert launches[0]["ffmpeg"] != "unknown" and launches[0]["torch_threads"] >= 1
 
 
 def test_injected_nan_batch_is_skipped_and_counted(dataset, tmp_path, monkeypatch):

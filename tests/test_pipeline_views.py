@@ -59,7 +59,8 @@ def checked(raw: dict, cfg: DataConfig) -> dict:
 def finished(row: dict, cfg: DataConfig) -> dict:
     """One row as the model receives it: collated into a batch of one, augmentation applied, batch axis off."""
     batch = augment_batch(collate_rows([row], {}), cfg)
-    return {k: v[0] for k, v in batch.items()}
+    flat = ("captions", "captions_mask")  # eval captions are collated flat: one row's are all of them
+    return {k: v if k in flat else v[0] for k, v in batch.items() if k != "caption_count"}
 
 
 def pixels(video: torch.Tensor) -> torch.Tensor:
@@ -83,10 +84,11 @@ def test_every_view_type_has_the_contract_shapes_and_dtypes(raw_samples, tokeniz
     assert out["video"].shape == (num_views, 3, 4, 32, 32) and out["video"].dtype == dtype
     assert set(out) == set(row) - {"video_aug", "audio_aug"}
     assert out["audio"].shape == (num_views, 1, 16, AUDIO.num_frames) and out["audio"].dtype == torch.float32
-    k = cfg.text.num_captions if views != "eval" else out["text"].shape[0]
-    assert out["text"].shape == (k, 8) and out["text"].dtype == torch.int64
-    assert out["text_mask"].dtype == torch.bool and out["text_mask"].shape == out["text"].shape
-    assert out["text_mask"][0].any() and (out["text"][~out["text_mask"]] == 0).all()
+    text = "captions" if views == "eval" else "text"  # eval: every caption; training: the K near the clip
+    k = cfg.text.num_captions if views != "eval" else len(row["captions"])
+    assert out[text].shape == (k, 8) and out[text].dtype == torch.int64
+    assert out[f"{text}_mask"].dtype == torch.bool and out[f"{text}_mask"].shape == out[text].shape
+    assert out[f"{text}_mask"][0].any() and (out[text][~out[f"{text}_mask"]] == 0).all()
     assert out["idx"].dtype == torch.int64 and out["label"].item() == -1 and out["has_audio"].item() is True
 
 
@@ -216,7 +218,7 @@ def test_eval_views_are_deterministic_and_evenly_spaced(raw_samples, tokenizer):
     assert (h, w) == (32, 43)  # the stored 64 x 86 frame at the model's short side
     first = V.decode_clip(V.open_video(sample["video"], size=(h, w)), 0.0, 4, 10.0).dense()
     assert torch.equal(a["video"][0], first[..., 5:37])  # the centre 32 x 32
-    assert a["meta"]["captions"] and a["text"].shape[0] == len(a["meta"]["captions"])
+    assert a["meta"]["captions"] and a["captions"].shape[0] == len(a["meta"]["captions"])
     whole = sample_views(dict(sample), dataclasses.replace(cfg, eval_windows=0), np.random.default_rng(0), tokenizer)
     assert len(whole["video"]) == 1
 
@@ -244,6 +246,6 @@ def test_caption_rows_are_the_ids_of_encode_batch(raw_samples, tokenizer, max_to
     out = sample_views(dict(sample), cfg, np.random.default_rng(0), tokenizer)
     captions = [c["text"] for c in sample["meta"]["captions"] if c["text"].strip()]
     ids, mask = encode_batch(tokenizer, captions, max_tokens)
-    assert out["text"].shape == (len(captions), max_tokens)
-    assert torch.equal(out["text"], ids) and torch.equal(out["text_mask"], mask)
-    assert out["text_mask"].any(1).all()
+    assert out["captions"].shape == (len(captions), max_tokens)
+    assert torch.equal(out["captions"], ids) and torch.equal(out["captions_mask"], mask)
+    assert out["captions_mask"].any(1).all()
