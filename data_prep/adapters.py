@@ -265,6 +265,41 @@ def read_youcook2_clips(annotation: Path, *, videos: Path, split: str | None = N
     return out.sources, left_out
 
 
+YOUCOOK2_WINDOW_SECONDS = 3.3  # eval_youcook.py decodes 16 frames at 5 fps from `t = 3.2 + 0.1` s of video
+
+
+def read_youcook2_milnce(annotation: Path, *, videos: Path, split: str | None = None) -> tuple[SourceList, int]:
+    """MIL-NCE's `validation_youcook.csv` (columns end,start,task,text,video_id; 3,350 validation steps of YouCook2
+    not in HowTo100M): one item per row, id `<video_id>_<row>`, the step `[start, end]` of the full video with its
+    caption timed over it, label = task (the recipe type), split `val`.
+
+    The clip runs on to `start + 3.3` s where the step is shorter: MIL-NCE's evaluator decodes each 3.3-s window
+    from the whole video, so a short step's windows show the frames that follow it."""
+    out, wanted = _Collector(videos), normalize_split(split)
+    if wanted not in (None, "val"):
+        raise ValueError(f"split={split!r}: {annotation.name} lists validation steps only")
+    with open(annotation, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        missing = {"start", "end", "task", "text", "video_id"} - set(reader.fieldnames or ())
+        if missing:
+            raise ValueError(f"{annotation}: not MIL-NCE's validation_youcook.csv (no column {sorted(missing)[0]!r})")
+        for row_number, row in enumerate(reader):
+            vid = (row["video_id"] or "").strip()
+            try:
+                start, end = float(row["start"]), float(row["end"])
+            except ValueError:
+                out.fail(f"{vid}_{row_number:04d}", "bad_row", f"{annotation.name} row {row_number}: bad start/end")
+                continue
+            if not vid or end < start or not (row["text"] or "").strip():
+                out.fail(f"{vid}_{row_number:04d}", "bad_row", f"{annotation.name} row {row_number}: {row!r:.80}")
+                continue
+            caption = Caption(start, end, row["text"].strip())
+            bounds = (start, max(end, start + YOUCOOK2_WINDOW_SECONDS))
+            task = (row["task"] or "").strip() or None
+            out.add(f"{vid}_{row_number:04d}", [vid], bounds=bounds, captions=[caption], label=task, split="val")
+    return out.sources, 0
+
+
 def read_ave(annotation: Path, *, videos: Path, split: str | None = None) -> tuple[SourceList, int]:
     """AVE's `Annotations.txt` or one of its split files (`trainSet.txt`, `valSet.txt`, `testSet.txt`), lines
     `Category&VideoID&Quality&StartTime&EndTime` (a header line starting `Category&` is skipped): one item per
@@ -366,6 +401,7 @@ ADAPTERS: dict[str, Callable[..., tuple[SourceList, int]]] = {
     "msrvtt_1ka": read_msrvtt_1ka,
     "youcook2": read_youcook2,
     "youcook2_clips": read_youcook2_clips,
+    "youcook2_milnce": read_youcook2_milnce,
     "ave": read_ave,
     "ucf101": read_ucf101,
     "hmdb51": read_hmdb51,

@@ -1,30 +1,25 @@
-"""Standard benchmarks in one command: `vatp eval benchmark NAME --root DIR --checkpoint PATH`.
+"""The standard benchmarks' protocols and scoring: what `vatp eval benchmark NAME` builds, embeds and computes.
 
-`DIR` holds the benchmark as its authors distribute it (videos and their own annotation files); the run builds
-the shards it needs (cached and resumable, through the `data_prep` adapters), embeds them with the protocol of
-the paper's own evaluation code, scores, and prints each metric beside the paper's number. Every stage is
-reused on a re-run. The protocols and where each choice comes from: docs/evaluation.md, "Benchmarks".
+Each `Protocol` says where the benchmark's files are under `--root` as its authors distribute them, how to build
+and embed them to follow the evaluation code of the paper that reports it, and the published numbers with where
+each comes from (`Reference`). The orchestration (build the shards, embed, score) is `launch/benchmark.py`; this
+module only resolves a protocol for a checkpoint and scores embeddings. The protocols and how they match the
+official scripts: docs/evaluation.md, "Benchmarks".
 
     msrvtt   MSR-VTT 1k-A (JSFusion's 1000 test pairs): zero-shot text->video R@1/5/10, MedR
-    youcook2 YouCook2 validation steps (MIL-NCE's 3350 clips): the same
-    ucf101   UCF101 split 1: linear SVM (C = 100) on backbone features, kNN, zero-shot from class names
-    hmdb51   HMDB51 split 1: the same
-    vggsound VGGSound test split: clustering with k = the number of classes (SeLaVi: NMI, aNMI, ARI, purity, acc)
-    ave      AVE test split: the same
+    youcook2 YouCook2: MIL-NCE's 3,350 validation steps (validation_youcook.csv): the same
+    ucf101   UCF101, mean of the three splits: linear SVM (C = 100) on backbone features, kNN, zero-shot
+    hmdb51   HMDB51, mean of the three splits: the same
+    vggsound VGGSound train split (SeLaVi's): clustering, k = the classes; NMI, aNMI, ARI, purity, acc + chance
+    ave      AVE train split: the same
     kinetics400  Kinetics-400 validation: zero-shot classification from the class names (top-1 / top-5)
 """
 
 from __future__ import annotations
 
-import collections
 import dataclasses
-import hashlib
-import json
 import logging
-import shutil
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -33,173 +28,168 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class Reference:
+    """A published number set: `short` heads its column, `source` says exactly which evaluation produced it."""
+
+    short: str
+    source: str
+    values: dict[str, float]
+
+
+@dataclass(frozen=True)
 class Protocol:
-    """One benchmark: where its files are under `--root`, how to build and embed it, and the paper's numbers."""
+    """One benchmark: its files under `--root`, how to build and embed them, and the published numbers."""
 
     kind: Literal["retrieval", "classification", "clustering", "zeroshot"]
-    fmt: str  # the data_prep adapter reading its annotation
-    annotation: str  # under --root, as distributed
-    videos: str  # the video folder under --root (absent: the videos are looked for anywhere under --root)
+    annotations: tuple[tuple[str, str], ...]  # (path under --root, data_prep adapter): the first found is read;
+    # "{split}" in a path is the split scored (AVE's per-split list files)
+    videos: str  # the video folder under --root (absent: looked for anywhere under --root)
     source: str  # the evaluation code the protocol follows
     build: dict = field(default_factory=dict)  # data_prep.build.build_dataset options
-    clip: dict = field(default_factory=dict)  # eval-view overrides (num_frames, fps, size); empty: the model's
-    windows: int = 10  # clips per video, evenly spaced over it
+    clip: dict = field(default_factory=dict)  # the official eval-view clip (num_frames, fps, size)
+    windows: int = 10  # clips per video
+    placement: str = "spread"  # DataConfig.eval_placement: spread over the video, its middle, or the captions' span
+    end_gap: float = 0.0  # DataConfig.eval_end_gap: the last window ends this long before the span (MIL-NCE: 0.4)
     max_words: int = 30  # words per caption for the released S3D's word-list text tower
-    test_split: str = "test"  # the split scored (retrieval: the only one built)
+    split: str = "test"  # the split scored (retrieval: the only one built)
+    folds: int = 1  # splits averaged (UCF101 / HMDB51: their three official splits)
     templates: tuple[str, ...] = ()  # zero-shot prompts (empty: eval.zeroshot.DEFAULT_TEMPLATES)
-    paper: dict[str, float] = field(default_factory=dict)  # the published numbers, by our metric names
-    elsewhere: tuple[str, ...] = ()  # other places under --root where a distribution puts the annotation
+    references: tuple[Reference, ...] = ()
+    departures: tuple[str, ...] = ()  # where vatp's protocol differs from the official script's
 
 
-MILNCE = "MIL-NCE_HowTo100M eval_msrvtt.py / eval_hmdb.py (released S3D-G; README numbers)"
+MILNCE_TF = "TF eval"
+MILNCE_TF_SOURCE = "MIL-NCE paper / README: DeepMind's TensorFlow evaluation of the released S3D-G"
+MILNCE_CLIP = {"num_frames": 16, "fps": 5.0}  # eval_msrvtt.py / eval_youcook.py: 16 frames at 5 fps
+RETRIEVAL_DEPARTURES = (
+    "clips re-encoded at the build (libx264 CRF 23, short side 256) and scaled by decord (bilinear) where the "
+    "official script crops the original file and scales it bicubic (pixel mean |diff| 5.6-8.0 levels; expected "
+    "< 1 point)",
+    "window span from the stored frame count, not ffprobe's container duration",
+)
+SELAVI_DEPARTURES = ("one clip per video from its middle second, re-encoded at 30 fps and short side 128",)
 PROTOCOLS = {
     "msrvtt": Protocol(
         "retrieval",
-        "msrvtt_1ka",
-        "MSRVTT_JSFUSION_test.csv",
+        (("MSRVTT_JSFUSION_test.csv", "msrvtt_1ka"),),
         "videos",
-        MILNCE,
+        "MIL-NCE_HowTo100M eval_msrvtt.py (released S3D-G)",
         build=dict(fps=10.0, short_side=256, max_seconds=60.0),
-        clip=dict(num_frames=16, fps=5.0),
-        paper={"t2v_R@1": 9.9, "t2v_R@5": 24.0, "t2v_R@10": 32.4, "t2v_MedR": 29.5},
+        clip=MILNCE_CLIP,
+        end_gap=0.4,
+        references=(
+            Reference(
+                MILNCE_TF, MILNCE_TF_SOURCE, {"t2v_R@1": 9.9, "t2v_R@5": 24.0, "t2v_R@10": 32.4, "t2v_MedR": 29.5}
+            ),
+            Reference(
+                "PyTorch",
+                "the official PyTorch eval_msrvtt.py on the released S3D-G, as a user reported it in MIL-NCE issue 17 "
+                "(rounded: R@1 0.10, R@5 0.25, R@10 0.35, MedR 31)",
+                {"t2v_R@1": 10.0, "t2v_R@5": 25.0, "t2v_R@10": 35.0, "t2v_MedR": 31.0},
+            ),
+        ),
+        departures=RETRIEVAL_DEPARTURES,
     ),
     "youcook2": Protocol(
         "retrieval",
-        "youcook2_clips",
-        "youcookii_annotations_trainval.json",
+        (("validation_youcook.csv", "youcook2_milnce"), ("youcookii_annotations_trainval.json", "youcook2_clips")),
         ".",
-        "MIL-NCE_HowTo100M eval_youcook.py (validation_youcook.csv: the validation steps; released S3D-G)",
+        "MIL-NCE_HowTo100M eval_youcook.py (validation_youcook.csv's 3,350 steps; released S3D-G)",
         build=dict(fps=10.0, short_side=256, max_seconds=600.0),  # one sample per step, however long
-        clip=dict(num_frames=16, fps=5.0),
-        paper={"t2v_R@1": 15.1, "t2v_R@5": 38.0, "t2v_R@10": 51.2, "t2v_MedR": 10.0},
-        test_split="val",
+        clip=MILNCE_CLIP,
+        placement="captions",  # windows over the step; a short step's last frames are the video's next ones
+        end_gap=0.4,
+        split="val",
+        references=(
+            Reference(
+                MILNCE_TF,
+                MILNCE_TF_SOURCE + " (the README notes the TF run had fewer videos)",
+                {"t2v_R@1": 15.1, "t2v_R@5": 38.0, "t2v_R@10": 51.2, "t2v_MedR": 10.0},
+            ),
+        ),
+        departures=RETRIEVAL_DEPARTURES
+        + ("without validation_youcook.csv: every validation step present (a larger gallery, about -1 R@10)",),
     ),
     "ucf101": Protocol(
         "classification",
-        "ucf101",
-        "ucfTrainTestlist",
+        (("ucfTrainTestlist", "ucf101"),),
         "UCF-101",
         "MIL-NCE eval_hmdb.py's linear SVM protocol (the paper reports UCF101 with it; the repository has no UCF code)",
         build=dict(fps=25.0, short_side=256, max_seconds=60.0),
         clip=dict(num_frames=16, fps=25.0),
-        paper={"svm_top1": 82.7},
+        folds=3,
+        references=(Reference("paper", "MIL-NCE paper, linear SVM on the frozen S3D-G", {"svm_top1": 82.7}),),
+        departures=("29.97-fps videos resampled to 25 fps: 16 frames span 0.64 s instead of 0.53 s",),
     ),
     "hmdb51": Protocol(
         "classification",
+        (("testTrainMulti_7030_splits", "hmdb51"),),
         "hmdb51",
-        "testTrainMulti_7030_splits",
-        "hmdb51",
-        MILNCE,
+        "MIL-NCE_HowTo100M eval_hmdb.py (released S3D-G)",
         build=dict(fps=30.0, short_side=256, max_seconds=60.0),
         clip=dict(num_frames=16, fps=30.0),
-        paper={"svm_top1": 53.1},
+        folds=3,
+        references=(Reference("paper", "MIL-NCE paper, linear SVM on the frozen S3D-G", {"svm_top1": 53.1}),),
+        departures=("clips re-encoded at 30 fps (HMDB's native rate) where the official script reads every frame",),
+    ),
+    "vggsound": Protocol(
+        "clustering",
+        (("vggsound.csv", "vggsound"),),
+        ".",
+        "SeLaVi get_clusters.py / clustering_metrics.py (--mode train): the heads' argmax of softmax(video) x "
+        "softmax(audio), the head that best matches the labels (k-means with k = the classes for a model without "
+        "heads); metrics in percent",
+        build=dict(fps=30.0, short_side=128, max_seconds=10.0),
+        clip=dict(num_frames=30, fps=30.0),
+        windows=1,
+        placement="middle",
+        split="train",  # SeLaVi labels and scores the split it trained on
+        references=(
+            Reference(
+                "SeLaVi",
+                "SeLaVi paper, the clustering table of VGG-Sound (train split); its model-zoo table gives NMI 55.9, "
+                "acc 31.0",
+                {"NMI": 54.6, "aNMI": 52.0, "ARI": 20.6, "acc": 30.9, "purity": 36.2},
+            ),
+        ),
+        departures=SELAVI_DEPARTURES,
     ),
 }
-
-
-PROTOCOLS["vggsound"] = Protocol(
-    "clustering",
-    "vggsound",
-    "vggsound.csv",
-    ".",
-    "SeLaVi get_clusters.py / clustering_metrics.py: the heads' argmax of softmax(video) x softmax(audio), the head "
-    "that best matches the labels (k-means with k = the classes for a model without heads); metrics in percent",
-    build=dict(fps=30.0, short_side=128, max_seconds=10.0),
-    clip=dict(num_frames=30, fps=30.0),
-    windows=1,  # one clip per video (the first; SeLaVi takes the middle one)
-    paper={"NMI": 55.9, "aNMI": 52.0, "ARI": 20.6, "purity": 36.2, "acc": 31.0},
-)
 PROTOCOLS["ave"] = dataclasses.replace(
     PROTOCOLS["vggsound"],
-    fmt="ave",
-    annotation="testSet.txt",
+    annotations=(("{split}Set.txt", "ave"),),
     videos="AVE",
-    paper={"NMI": 66.2, "acc": 57.9},
+    references=(Reference("SeLaVi", "SeLaVi paper, AVE (train split)", {"NMI": 66.2, "acc": 57.9}),),
 )
 PROTOCOLS["kinetics400"] = Protocol(
     "zeroshot",
-    "kinetics",
-    "kinetics400/validate.csv",
+    (("kinetics400/validate.csv", "kinetics"), ("annotations/val.csv", "kinetics")),  # the second: CVDF's download
     ".",
     "zero-shot classification from class-name prompts (no paper of this family reports it; CLIP-style ensembling)",
     build=dict(fps=10.0, short_side=256, max_seconds=10.0),
-    test_split="val",
-    elsewhere=("annotations/val.csv",),  # the CVDF download (k400/annotations/val.csv)
+    split="val",
 )
 MIN_VIDEOS = 10  # a split scored on fewer videos is flagged: its numbers say little and compare with nothing
+CHANCE_DRAWS = 3
 
 
-def run_benchmark(
-    name: str,
-    root: str | Path,
-    checkpoint: str | Path,
-    out: str | Path,
-    *,
-    tokenizer: str | Path | None = None,
-    dict_path: str | Path | None = None,
-    overrides: dict | None = None,
-    workers: int = 2,
-    device: str = "cpu",
-) -> dict:
-    """Build, embed and score benchmark `name`; returns (and writes to `<out>/<name>.json`) its metrics.
-
-    `overrides` replaces protocol fields (`windows`, `max_words`) and clip settings (`num_frames`, `fps`,
-    `size`; None: the model's own), e.g. for a quick run. `videos` in the result gives each split's coverage:
-    listed, built, scored, failed (at build) and skipped (at embed); `warnings` what makes the numbers partial.
-    """
-    from eval.embed import find_tokenizer, load_model
-
+def resolve_protocol(name: str, cfg) -> Protocol:
+    """Benchmark `name`'s protocol with the settings of `cfg` (an `eval.config.BenchmarkConfig`) applied: its clip
+    (`official`, or `model`: the checkpoint's own frames and rate), frames, rate, size, windows, words, split,
+    folds and prompts."""
     if name not in PROTOCOLS:
         raise ValueError(f"unknown benchmark {name!r} (known: {', '.join(PROTOCOLS)})")
-    p = _apply(PROTOCOLS[name], overrides or {})
-    folds = (overrides or {}).get("folds", 1)
-    if folds not in (1, 3) or (folds == 3 and p.kind != "classification"):
-        raise ValueError(f"folds={folds!r}: 1, or 3 for the classification benchmarks (the mean of splits 1-3)")
-    root, out = Path(root), Path(out)
-    found = [root / a for a in (p.annotation, *p.elsewhere) if (root / a).exists()]
-    if not found:
-        where = " or ".join(str(root / a) for a in (p.annotation, *p.elsewhere))
-        raise ValueError(f"{where} not found: {name} expects its files as distributed under --root")
-    tok = find_tokenizer(str(tokenizer) if tokenizer else None, str(checkpoint), None)
-    model = load_model(checkpoint, tokenizer=tok, dict_path=dict_path, max_words=p.max_words)
-    space = _check_model(name, p, model)  # before anything is built
-    videos = root / p.videos if (root / p.videos).is_dir() else root
-    per_fold, coverage, warnings, t0 = [], {}, [], time.perf_counter()
-    for fold in range(1, folds + 1):
-        tag = "" if fold == 1 else f"_split{fold}"
-        annotation = _fold_annotation(found[0], p.fmt, fold)
-        emb = _build_and_embed(
-            p, annotation, videos, out / name, tag, model, coverage, warnings, workers=workers, device=device
-        )
-        test = emb[p.test_split]
-        if p.kind == "retrieval":
-            per_fold.append(score_retrieval(test, space))
-        elif p.kind == "classification":
-            per_fold.append(score_classes(emb["train"], test, model, space, templates=p.templates))
-        elif p.kind == "clustering":
-            per_fold.append(score_clusters(test))
-        else:
-            per_fold.append(score_zero_shot(test, model, space, templates=p.templates))
-    metrics = per_fold[0] if folds == 1 else _mean_of_folds(per_fold)
-    result = {
-        "benchmark": name,
-        "metrics": metrics,
-        **({"splits": per_fold} if folds > 1 else {}),
-        "paper": p.paper,
-        "protocol": {"source": p.source, "windows": p.windows, "clip": p.clip, "build": p.build},
-        "checkpoint": str(checkpoint),
-        "fingerprint": model.fingerprint,
-        "videos": coverage,
-        "comparable": not any(v.get("too_few") for v in coverage.values()),
-        "warnings": warnings,
-        "seconds": round(time.perf_counter() - t0, 1),
-    }
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
-    return result
+    p = PROTOCOLS[name]
+    clip = dict(p.clip) if cfg.clip == "official" else {}
+    clip.update({k: getattr(cfg, k) for k in ("num_frames", "fps", "size") if getattr(cfg, k) is not None})
+    folds = cfg.folds if cfg.folds is not None else p.folds
+    if folds == 3 and p.kind != "classification":
+        raise ValueError(f"folds=3: {name} has one split to score (the three-split mean is UCF101's and HMDB51's)")
+    fields = {k: getattr(cfg, k) for k in ("windows", "max_words", "split", "templates") if getattr(cfg, k) is not None}
+    return dataclasses.replace(p, clip=clip, folds=folds, **fields)
 
 
-def _check_model(name: str, p: Protocol, model) -> str | None:
+def check_model(name: str, p: Protocol, model) -> str | None:
     """Refuse, in one line and before anything is built, a model that `p` cannot score; returns the space where it
     embeds both video and text (`vt` when it has one), or None."""
     from eval.embed import spaces_holding
@@ -225,118 +215,7 @@ def _check_model(name: str, p: Protocol, model) -> str | None:
     return space
 
 
-def _build_and_embed(
-    p: Protocol,
-    annotation: Path,
-    videos: Path,
-    work: Path,
-    tag: str,
-    model,
-    coverage: dict,
-    warnings: list,
-    *,
-    workers: int,
-    device: str,
-) -> dict:
-    """The splits' shards (`_build_split`) and embeddings, the latter in a folder named by the checkpoint's content,
-    the protocol and the build (`emb_<split>-<key>`), so another checkpoint, protocol or build never reuses them.
-    `coverage` gets each split's counts and `warnings` what the numbers do not cover."""
-    from eval.embed import embed_dataset, read_embeddings
-    from pipeline.dataset import DATASET_JSON
-
-    splits = ("train", p.test_split) if p.kind == "classification" else (p.test_split,)
-    emb = {}
-    for split in splits:
-        data = work / f"data_{split}{tag}"
-        counts = _build_split(p, annotation, videos, data, split, workers, stale=f"emb_{split}{tag}-*")
-        built = hashlib.sha1((data / DATASET_JSON).read_bytes()).hexdigest()
-        what = [model.fingerprint, model.tokenization, p.windows, p.clip, p.max_words, p.kind, built]
-        key = hashlib.sha1(json.dumps(what, sort_keys=True).encode()).hexdigest()[:10]
-        embed_dataset(
-            model,
-            data,
-            work / f"emb_{split}{tag}-{key}",
-            windows=p.windows,
-            num_workers=workers,
-            device=device,
-            data_overrides=p.clip,
-            feature_windows=p.kind == "classification",
-        )
-        emb[split] = read_embeddings(work / f"emb_{split}{tag}-{key}")
-        counts["scored"] = len(emb[split].meta)
-        counts["skipped"] = counts["built"] - counts["scored"]
-        name = f"{split}{tag}"
-        coverage[name] = counts
-        notes = []
-        if counts["failed"]:
-            notes.append(
-                f"{name}: {counts['failed']} of the {counts['listed']} listed videos could not be used "
-                f"({data / 'failures.jsonl'}): the numbers cover the rest"
-            )
-        if counts["skipped"]:
-            why = emb[split].info.get("skipped") or {}
-            reasons = ", ".join(f"{k} {v}" for k, v in sorted(why.items())) or "see the embed log"
-            notes.append(
-                f"{name}: {counts['scored']} of the {counts['built']} built samples were scored ({counts['skipped']} "
-                f"skipped at embed: {reasons}): the numbers cover those {counts['scored']}"
-            )
-        notes += _check_scorable(p, name, emb[split], counts, scored=split == p.test_split)
-        for line in notes:
-            log.warning("%s", line)
-        warnings += notes
-    return emb
-
-
-def _build_split(p: Protocol, annotation: Path, videos: Path, data: Path, split: str, workers: int, stale: str) -> dict:
-    """Build split `split` into `data`, or reuse its finished build, unless some listed videos that were missing
-    then are there now (it is built again, and its embeddings `stale` go). A build of no sample is not kept.
-    Returns the split's counts: listed (rows of the annotation), built (samples), failed (inputs not built)."""
-    from data_prep.build import build_dataset
-    from data_prep.readers import read_sources
-    from pipeline.dataset import DATASET_JSON, read_dataset_json
-
-    listed = None
-    if (data / DATASET_JSON).is_file():
-        sources = read_sources(annotation, p.fmt, split=split, videos=videos)
-        listed = len(sources.items) + len(sources.failures)
-        was_missing = {f["source"] for f in _failures(data) if f.get("reason") == "missing_file"}
-        back = sorted(was_missing & {item.id for item in sources.items})
-        if back:
-            log.warning(
-                "%s: %d listed video(s) missing when it was built are under %s now (e.g. %s): building the split again",
-                data, len(back), videos, back[0],
-            )  # fmt: skip
-            shutil.rmtree(data)
-            for old in data.parent.glob(stale):
-                shutil.rmtree(old)
-    if not (data / DATASET_JSON).is_file():
-        build = build_dataset(annotation, data, fmt=p.fmt, videos_root=videos, split=split, workers=workers, **p.build)
-        listed = build.inputs
-    samples = int(read_dataset_json(data)["samples"])
-    failures = [f for f in _failures(data) if not f.get("kept")]
-    if samples == 0:
-        shutil.rmtree(data)  # an empty build would be reused and fail every later run
-        missing = [f["source"] for f in failures if f.get("reason") == "missing_file"]
-        if len(missing) == len(failures):
-            raise ValueError(
-                f"{videos} holds none of the {listed} videos that {annotation.name} lists for its {split} split "
-                f"(e.g. {missing[0] if missing else '?'}.*, looked for anywhere below it)"
-            )
-        reasons = ", ".join(f"{k} {v}" for k, v in sorted(collections.Counter(f["reason"] for f in failures).items()))
-        raise ValueError(
-            f"none of the {listed} listed videos of the {split} split under {videos} could be built ({reasons})"
-        )
-    return {"listed": listed, "built": samples, "failed": len(failures)}
-
-
-def _failures(data: Path) -> list[dict]:
-    path = data / "failures.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def _check_scorable(p: Protocol, name: str, emb, counts: dict, *, scored: bool) -> list[str]:
+def check_scorable(p: Protocol, name: str, emb, counts: dict, *, scored: bool) -> list[str]:
     """Refuse a split that cannot be scored at all (one class; one video); flag a `scored` (test) split too small
     to compare with the paper (`too_few` in its counts, and the warning returned)."""
     labels, names = emb.labels()
@@ -354,30 +233,31 @@ def _check_scorable(p: Protocol, name: str, emb, counts: dict, *, scored: bool) 
     return [f"{name}: {counts['scored']} videos scored (fewer than {MIN_VIDEOS}): not comparable with the paper's"]
 
 
-def score_retrieval(emb, space: str = "vt") -> dict[str, float]:
-    """Zero-shot text->video R@1/5/10 and MedR in `space` (each caption's own video is the answer)."""
-    from eval.retrieval import retrieval_metrics
+def score_retrieval(emb, space: str = "vt") -> dict:
+    """Zero-shot text->video R@1/5/10 and MedR in `space` (each caption's own video is the answer), through
+    `eval.retrieval.evaluate_retrieval` like every other retrieval score."""
+    from eval.retrieval import evaluate_retrieval
 
-    m = retrieval_metrics(emb.get(f"text@{space}") @ emb.get(f"video@{space}").T, [[int(v)] for v in emb.caption_video])
-    return {f"t2v_R@{k}": m[f"R@{k}"] for k in (1, 5, 10)} | {"t2v_MedR": m["MedR"], "queries": len(emb.caption_video)}
+    m = evaluate_retrieval(emb, directions=[f"text->video@{space}"])[f"text->video@{space}"]
+    out = {f"t2v_R@{k}": m[f"R@{k}"] for k in (1, 5, 10)} | {"t2v_MedR": m["MedR"]}
+    return out | {"queries": m["queries"], "similarity": m["similarity"]}
 
 
-def score_classes(train, test, model, space: str | None = "vt", templates: tuple[str, ...] = ()) -> dict[str, float]:
-    """MIL-NCE's linear SVM (C = 100) fitted on every window's raw backbone features of the training split (the
-    video's label on each), a test video's decision values summed over its windows; kNN on the unit window-mean
-    features; zero-shot from the class names when the model has a text tower with `space` (None: no zero-shot)."""
-    from eval.probe import knn_classifier, linear_svm_scores, row_array
-    from eval.zeroshot import DEFAULT_TEMPLATES, class_embeddings, class_prompts, zero_shot_accuracy
+def score_classes(train, test, model, space: str | None = "vt", templates: tuple[str, ...] = ()) -> dict:
+    """MIL-NCE's linear SVM (C = 100, liblinear as the official script) fitted on every window's raw backbone
+    features of the training split (the video's label on each), a test video's decision values summed over its
+    windows; kNN on the unit window-mean features; zero-shot from the class names when the model has a text tower
+    with `space` (None: no zero-shot). `svm` records how the fit went (solver, iterations, converged, objective)."""
+    from eval.probe import knn_classifier, linear_svm, row_array
 
     names = sorted(set(train.labels()[1]) | set(test.labels()[1]))
     y_train, y_test = train.labels(names)[0], test.labels(names)[0]
     keep_tr, keep_te = y_train >= 0, y_test >= 0
     y_train, y_test = y_train[keep_tr], y_test[keep_te]
     win_train, win_test = train.get("video_feat.windows")[keep_tr], test.get("video_feat.windows")[keep_te]  # (N, W, F)
-    w = win_train.shape[1]
-    scores = linear_svm_scores(
+    scores, fit = linear_svm(
         win_train.reshape(-1, win_train.shape[-1]),
-        np.repeat(y_train, w),
+        np.repeat(y_train, win_train.shape[1]),
         win_test.reshape(-1, win_test.shape[-1]),
         C=100.0,
     )
@@ -385,100 +265,107 @@ def score_classes(train, test, model, space: str | None = "vt", templates: tuple
     out = {"svm_top1": float(100.0 * np.mean(scores.argmax(1) == y_test))}
     unit_train, unit_test = row_array(train, "video_feat")[keep_tr], row_array(test, "video_feat")[keep_te]
     out["knn_top1"] = knn_classifier(unit_train, y_train, unit_test, y_test, k=20)
-    if f"video@{space}" in test.arrays and model.tokenize is not None:
-        classes = class_embeddings(model, class_prompts(names, templates or DEFAULT_TEMPLATES), space=space)
-        video = row_array(test, f"video@{space}")[keep_te]
-        zs = zero_shot_accuracy(video @ classes.T, y_test)
+    if space is not None and f"video@{space}" in test.arrays and model.tokenize is not None:
+        zs = _zero_shot(test, model, space, names, templates)
         out.update({f"zeroshot_{k}": v for k, v in zs.items()})
-    out.update(classes=len(names), train=int(len(y_train)), test=int(len(y_test)))
+    out.update(classes=len(names), train=int(len(y_train)), test=int(len(y_test)), svm=fit)
     return out
 
 
-def score_clusters(emb) -> dict[str, float]:
+def score_clusters(emb) -> dict:
     """SeLaVi's clustering protocol, in percent: the self-label heads when the model has them, else k-means with
-    k = the number of classes on the default array (a space, else the backbone features)."""
+    k = the number of classes on the default array (a space, else the backbone features). `chance` holds the
+    same metrics for uniformly random clusters of the same count on the same labels (the mean of a few draws):
+    NMI and accuracy grow with the clusters per video, aNMI and ARI stay near 0."""
     from eval.clustering import cluster_embeddings
 
     labels, names = emb.labels()
     if "video_logits" in emb.arrays or "audio_logits" in emb.arrays:
         summary, _ = cluster_embeddings(emb, method="heads", shots=())
+        k = int(emb.arrays["video_logits" if "video_logits" in emb.arrays else "audio_logits"].shape[-1])
     else:
         summary, _ = cluster_embeddings(emb, method="kmeans", k=len(names), shots=(), nredo=3)
-    m = summary["metrics"]
-    out = {"NMI": 100 * m["nmi"], "aNMI": 100 * m["anmi"], "ARI": 100 * m["ari"]}
-    out.update(purity=100 * m["purity_avg"], acc=m["acc"], classes=len(names), videos=int((labels >= 0).sum()))
-    out["method"] = summary["method"]
+        k = len(names)
+    out = _percent(summary["metrics"])
+    out.update(classes=len(names), videos=int((labels >= 0).sum()), method=summary["method"])
+    out["chance"] = chance_clusters(labels[labels >= 0], k)
     return out
 
 
-def score_zero_shot(emb, model, space: str = "vt", templates: tuple[str, ...] = ()) -> dict[str, float]:
-    """Top-1 / top-5 zero-shot accuracy from the class names (`eval.zeroshot`, default prompts)."""
-    from eval.probe import row_array
-    from eval.zeroshot import DEFAULT_TEMPLATES, class_embeddings, class_prompts, zero_shot_accuracy
+def chance_clusters(labels: np.ndarray, k: int, draws: int = CHANCE_DRAWS, seed: int = 0) -> dict[str, float]:
+    """The clustering metrics (percent) of `k` uniformly random clusters on `labels`, averaged over `draws`."""
+    from eval.clustering import cluster_metrics
 
+    rng = np.random.default_rng(seed)
+    runs = [_percent(cluster_metrics(rng.integers(0, k, len(labels)), labels)) for _ in range(draws)]
+    return {key: float(np.mean([r[key] for r in runs])) for key in runs[0]}
+
+
+def _percent(m: dict) -> dict[str, float]:
+    """aNMI and ARI first: unlike NMI and accuracy they stay near 0 for a random clustering of a small split."""
+    return {"aNMI": 100 * m["anmi"], "ARI": 100 * m["ari"], "NMI": 100 * m["nmi"], "acc": m["acc"]} | {
+        "purity": 100 * m["purity_avg"]
+    }
+
+
+def score_zero_shot(emb, model, space: str = "vt", templates: tuple[str, ...] = ()) -> dict:
+    """Top-1 / top-5 zero-shot accuracy from the class names (`eval.zeroshot`), compared as the space compares."""
     if model.tokenize is None:
         raise ValueError("zero-shot classification needs a model with a text tower and its tokenizer")
     labels, names = emb.labels()
-    keep = labels >= 0
-    classes = class_embeddings(model, class_prompts(names, templates or DEFAULT_TEMPLATES), space=space)
-    out = zero_shot_accuracy(row_array(emb, f"video@{space}")[keep] @ classes.T, labels[keep])
-    out.update(classes=len(names), videos=int(keep.sum()))
+    out = _zero_shot(emb, model, space, names, templates)
+    out.update(classes=len(names), videos=int((labels >= 0).sum()))
     return out
 
 
+def _zero_shot(emb, model, space: str, names: list[str], templates: tuple[str, ...]) -> dict:
+    from eval.probe import row_array
+    from eval.zeroshot import DEFAULT_TEMPLATES, class_embeddings, class_prompts, similarity_of, zero_shot_accuracy
+
+    labels = emb.labels(names)[0]
+    keep = labels >= 0
+    similarity = similarity_of(model, space)
+    classes = class_embeddings(model, class_prompts(names, templates or DEFAULT_TEMPLATES), space, similarity)
+    out: dict = zero_shot_accuracy(row_array(emb, f"video@{space}")[keep] @ classes.T, labels[keep])
+    return out | {"similarity": similarity}
+
+
+def mean_of_folds(per_fold: list[dict]) -> dict:
+    """The mean of every accuracy over the splits (counts and records of the first split kept as they are)."""
+    mean = {k: float(np.mean([m[k] for m in per_fold])) for k, v in per_fold[0].items() if isinstance(v, float)}
+    return mean | {k: v for k, v in per_fold[0].items() if not isinstance(v, float)} | {"folds": len(per_fold)}
+
+
 def format_benchmark(result: dict) -> str:
-    """One table: each metric, ours beside the paper's number where it has one (flagged `!` when the split is too
-    small to compare); each split's coverage; the warnings."""
+    """One table: each metric, ours, chance (clustering), and each reference's number in its own column (flagged
+    `!` when the split is too small to compare); below it what each column is, the coverage and the warnings."""
+    refs = result["references"]
+    chance = result["metrics"].get("chance") or {}
+    heads = ["ours", *(["chance"] if chance else []), *refs]
+    width = max(10, *(len(h) + 2 for h in heads))
     flag = "  !" if not result.get("comparable", True) else ""
-    lines = [f"== {result['benchmark']} ==", f"{'metric':<16}{'ours':>10}{'paper':>10}"]
+    lines = [f"== {result['benchmark']} ==", f"{'metric':<16}" + "".join(f"{h:>{width}}" for h in heads)]
     for key, value in result["metrics"].items():
-        paper = result["paper"].get(key)
-        shown = f"{value:.1f}" if isinstance(value, float) else str(value)
+        if isinstance(value, (dict, list)):
+            continue
+        cells = [f"{value:.1f}" if isinstance(value, float) else str(value)]
+        if chance:
+            cells.append(f"{chance[key]:.1f}" if key in chance else "")
+        cells += [f"{ref['values'][key]:.1f}" if key in ref["values"] else "" for ref in refs.values()]
         mark = flag if isinstance(value, float) else ""
-        lines.append(f"{key:<16}{shown:>10}{'' if paper is None else f'{paper:.1f}':>10}{mark}")
-    lines.append(f"protocol: {result['protocol']['source']}")
+        lines.append(f"{key:<16}" + "".join(f"{c:>{width}}" for c in cells) + mark)
+    if chance:
+        lines.append("chance: uniformly random clusters of the same count on the same labels")
+    lines += [f"{short}: {ref['source']}" for short, ref in refs.items()]
+    protocol = result["protocol"]
+    lines.append(f"protocol: {protocol['source']}; split {protocol['split']}, clip {protocol['clip_setting']}")
+    svm = result["metrics"].get("svm")
+    if svm:
+        state = "converged" if svm["converged"] else f"stopped at {svm['iterations']} iterations, as the official"
+        lines.append(f"svm: {svm['solver']}, C {svm['C']:g}, {state} (objective {svm['objective']:.4g})")
     for split, v in result["videos"].items():
         counts = f"{v['listed']} listed, {v['built']} built, {v['scored']} scored"
         lines.append(f"videos {split}: {counts} ({v['failed']} failed at build, {v['skipped']} skipped at embed)")
     lines += [f"! {line}" for line in result.get("warnings", [])]
     lines.append(f"{result['seconds']:.0f} s")
     return "\n".join(lines)
-
-
-def _fold_annotation(annotation: Path, fmt: str, fold: int) -> Path:
-    """The annotation that selects split `fold` (1-3) for the UCF101 / HMDB51 adapters: a list file of that split."""
-    if fold == 1:
-        return annotation
-    if fmt == "ucf101":
-        return annotation / f"trainlist0{fold}.txt"
-    found = sorted(annotation.glob(f"*_test_split{fold}.txt"))
-    if not found:
-        raise ValueError(f"{annotation}: no *_test_split{fold}.txt files")
-    return found[0]
-
-
-def _mean_of_folds(per_fold: list[dict]) -> dict:
-    """The mean of every accuracy over the splits (counts of the first split kept as they are)."""
-    mean = {k: float(np.mean([m[k] for m in per_fold])) for k, v in per_fold[0].items() if isinstance(v, float)}
-    return mean | {k: v for k, v in per_fold[0].items() if not isinstance(v, float)} | {"folds": len(per_fold)}
-
-
-def _apply(p: Protocol, overrides: dict) -> Protocol:
-    clip = dict(p.clip)
-    fields = {}
-    for key, value in overrides.items():
-        if key in ("num_frames", "fps", "size"):
-            clip[key] = value
-        elif key in ("windows", "max_words"):
-            fields[key] = value
-        elif key == "templates":
-            fields[key] = tuple(value)
-        elif key == "folds":
-            continue  # read by run_benchmark
-        else:
-            raise ValueError(
-                f"unknown benchmark setting {key!r} "
-                "(known: num_frames, fps, size, windows, max_words, folds, templates)"
-            )
-    clip = {k: v for k, v in clip.items() if v is not None}
-    return dataclasses.replace(p, clip=clip, **fields)

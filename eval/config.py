@@ -117,6 +117,32 @@ class ZeroShotConfig(WordListConfig):
             raise ValueError(f"ks must be positive, got {list(self.ks)!r}")
 
 
+@dataclass(frozen=True, kw_only=True)
+class BenchmarkConfig:
+    """`vatp eval benchmark`: each setting left null takes the benchmark's official protocol (docs/evaluation.md)."""
+
+    clip: Literal["official", "model"] = "official"  # official: the paper's frames/rate/size; model: the checkpoint's
+    num_frames: int | None = None  # frames per window (null: the clip setting's)
+    fps: float | None = None  # frames per second of a window (null: the clip setting's)
+    size: int | None = None  # pixels of the centre crop (null: the clip setting's)
+    windows: int | None = None  # clips per video, evenly spaced (null: the protocol's, 10 for MIL-NCE's)
+    max_words: int | None = None  # released S3D: words per caption (null: 30, as MIL-NCE's evaluators)
+    split: str | None = None  # the split scored (null: test; train for the clustering benchmarks, as SeLaVi)
+    folds: int | None = None  # UCF101/HMDB51 splits averaged, 1 or 3 (null: 3, the papers' three-split mean)
+    templates: tuple[str, ...] | None = None  # zero-shot prompts, {} = the class words (null: vatp's four)
+    workers: int = 2  # build and loader worker processes (fitted to the shards)
+
+    def __post_init__(self) -> None:
+        _at_least(self, 1, "num_frames", "size", "max_words", "workers")
+        _at_least(self, 0, "windows")
+        if self.fps is not None and self.fps <= 0:
+            raise ValueError(f"fps must be > 0, got {self.fps}")
+        if self.folds not in (None, 1, 3):
+            raise ValueError(f"folds must be 1 or 3 (the mean of UCF101/HMDB51's three splits), got {self.folds}")
+        if self.templates is not None and (not self.templates or any(t.count("{}") != 1 for t in self.templates)):
+            raise ValueError(f"templates must each hold exactly one '{{}}', got {list(self.templates)!r}")
+
+
 def eval_config(cls: type[C], overrides: Sequence[str] = ()) -> C:
     """`cls` at its defaults with each `key=value` of `overrides` applied (values parsed as YAML)."""
     return from_dict(cls, apply_overrides({}, list(overrides)))

@@ -229,7 +229,7 @@ def embed_dataset(
             if model.source == "s3d_howto100m" and model.tokenize is not None:
                 _embed_meta_captions(model, out)
             if "video" in c:
-                add_window_times(out, dataset, cfg.num_frames / cfg.fps, windows)
+                add_window_times(out, dataset, cfg)
             extra = {"skipped": summary["skipped"]} if not merged else {}
             embed_files.mark_complete(out, **extra)
         barrier()
@@ -286,18 +286,19 @@ def _loader_config(model: LoadedModel, dataset, windows, batch_size, num_workers
     return data_config_for(cfg, c, captions=pairs_text_in_loader), [shard.samples for shard in shards]
 
 
-def add_window_times(out: str | Path, dataset: str | Path, clip_seconds: float, windows: int) -> None:
+def add_window_times(out: str | Path, dataset: str | Path, cfg) -> None:
     """Add `start`, `duration` and each window's [start, end] (seconds in the source video) to meta.jsonl.
 
-    Window starts follow the loader's eval views: `windows` evenly spaced over the sample, clip_seconds long.
-    Reads only the shards' `.json` members.
+    Window starts follow the loader's eval views of `cfg` (a resolved `DataConfig`: windows, placement, clip
+    length). Reads only the shards' `.json` members.
     """
     from pipeline.data import resolve_shards
     from pipeline.data_config import DatasetSource
-    from pipeline.views import eval_window_starts
+    from pipeline.views import eval_span, eval_window_starts
 
     out = Path(out)
-    times: dict[int, tuple[float, float]] = {}
+    clip_seconds, windows = cfg.num_frames / cfg.fps, cfg.eval_windows
+    times: dict[int, tuple[float, float, tuple[float, float]]] = {}
     for shard in resolve_shards([DatasetSource(str(dataset))]):
         try:
             for _, m in iter_json_members(shard.url):
@@ -305,7 +306,8 @@ def add_window_times(out: str | Path, dataset: str | Path, clip_seconds: float, 
                     continue  # the loader skipped and counted it too
                 frames, fps = m.get("num_frames"), m.get("fps")
                 duration = frames / fps if frames and fps else float(m.get("duration") or 0.0)
-                times[int(m["idx"])] = (float(m.get("start") or 0.0), duration)
+                span = eval_span(m, duration, cfg.eval_placement)
+                times[int(m["idx"])] = (float(m.get("start") or 0.0), duration, span)
         except ValueError as e:  # the loader counted this shard as bad_shard; its rows have no times
             log.warning("window times: %s", e)
     path = out / "meta.jsonl"
@@ -313,8 +315,10 @@ def add_window_times(out: str | Path, dataset: str | Path, clip_seconds: float, 
     for r in rows:
         if r["idx"] not in times:
             continue
-        start, duration = times[r["idx"]]
-        starts = eval_window_starts(duration, clip_seconds, windows)
+        start, duration, span = times[r["idx"]]
+        starts = eval_window_starts(
+            duration, clip_seconds, windows, placement=cfg.eval_placement, end_gap=cfg.eval_end_gap, span=span
+        )
         length = min(clip_seconds, duration) if windows else duration
         r.update(start=start, duration=duration)
         r["windows"] = [[round(start + s, 3), round(start + s + length, 3)] for s in starts]

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from eval.embed import extract_embeddings, read_embeddings
-from eval.retrieval import retrieval_metrics
+from eval.retrieval import evaluate_retrieval
 from pipeline.data import make_eval_loader, resolve_shards
 from pipeline.data_config import DatasetSource, data_config_for
 from pipeline.dataset import tokenizer_path
@@ -69,14 +69,10 @@ def held_out_retrieval(cfg: TrainConfig) -> Evaluate:
         if rank() != 0:
             return {}
         emb, results = read_embeddings(out), {}
-        for space in text_spaces:
-            sim = emb.get(f"text@{space}") @ emb.get(f"video@{space}").T  # (C, N)
-            m = retrieval_metrics(sim, [[int(v)] for v in emb.caption_video])
-            results.update({f"eval/{space}/t2v_R@{k}": m[f"R@{k}"] for k in (1, 5, 10)})
-        for space in audio_spaces:  # each video's audio finds its video, over the videos that have audio
-            keep = emb.has_audio
-            m = retrieval_metrics(emb.get(f"audio@{space}")[keep] @ emb.get(f"video@{space}")[keep].T)
-            results.update({f"eval/{space}/a2v_R@{k}": m[f"R@{k}"] for k in (1, 5, 10)})
+        directions = {f"text->video@{s}": f"eval/{s}/t2v" for s in text_spaces}
+        directions |= {f"audio->video@{s}": f"eval/{s}/a2v" for s in audio_spaces}  # over the videos with audio
+        for direction, m in evaluate_retrieval(emb, directions=list(directions)).items():
+            results.update({f"{directions[direction]}_R@{k}": m[f"R@{k}"] for k in (1, 5, 10)})
         log.info("eval at step %d: %s", step, {k: round(v, 2) for k, v in results.items()})
         return results
 

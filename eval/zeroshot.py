@@ -5,9 +5,11 @@ assigned the classes its embedding is most similar to.
     classes = class_embeddings(model, prompts, space="vt")        # (C, D) unit rows, prompt ensembling
     zero_shot_accuracy(video @ classes.T, labels)                  # {"top1": %, "top5": %}
 
-Prompt ensembling as CLIP's: the prompts of a class are embedded, normalised, averaged and normalised again.
-Class names are turned into words first (CamelCase and underscores split, lower case), since tokenizers trained
-on narration have never seen "ApplyEyeMakeup".
+Prompt ensembling as CLIP's: the prompts of a class are embedded, normalised, averaged and normalised again, and
+classes are ranked by cosine. In a space the model compares by the dot product (`normalize: false`, the MIL-NCE
+release's `vt`) the similarity follows the space, as retrieval's does: the raw prompt embeddings are averaged and
+classes ranked by the dot product (`similarity_of`). Class names are turned into words first (CamelCase and
+underscores split, lower case), since tokenizers trained on narration have never seen "ApplyEyeMakeup".
 """
 
 from __future__ import annotations
@@ -35,21 +37,34 @@ def class_prompts(names: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPL
     return [[t.format(class_words(n)) for t in templates] for n in names]
 
 
-def ensemble(prompt_embeddings: np.ndarray) -> np.ndarray:
-    """`(C, T, D)` prompt embeddings -> `(C, D)` unit class embeddings (mean of the unit prompt embeddings)."""
+def ensemble(prompt_embeddings: np.ndarray, similarity: str = "cosine") -> np.ndarray:
+    """`(C, T, D)` prompt embeddings -> `(C, D)` class embeddings: the mean of the unit prompt embeddings made unit
+    again (cosine), or the plain mean of the raw ones (dot)."""
     x = np.asarray(prompt_embeddings, dtype=np.float32)
+    if similarity == "dot":
+        return x.mean(1)
+    if similarity != "cosine":
+        raise ValueError(f"similarity must be 'cosine' or 'dot', got {similarity!r}")
     x = x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
     mean = x.mean(1)
     return mean / np.maximum(np.linalg.norm(mean, axis=-1, keepdims=True), 1e-12)
 
 
-def class_embeddings(model, prompts: list[list[str]], space: str = "vt") -> np.ndarray:
-    """`(C, D)` class embeddings of an exported model's text tower in `space` (`eval.embed.load_model`)."""
+def similarity_of(model, space: str) -> str:
+    """How `model` compares in `space`: "dot" for a space it declares `normalize: false`, else "cosine"."""
+    return "dot" if space in getattr(model.module, "dot_product_spaces", ()) else "cosine"
+
+
+def class_embeddings(model, prompts: list[list[str]], space: str = "vt", similarity: str | None = None) -> np.ndarray:
+    """`(C, D)` class embeddings of a model's text tower in `space` (`eval.embed.load_model`), ensembled for the
+    space's similarity (`similarity_of` unless given)."""
     from eval.embed import embed_texts
 
+    similarity = similarity or similarity_of(model, space)
     flat = [p for ps in prompts for p in ps]
     per_class = len(prompts[0])
-    return ensemble(embed_texts(model, flat, space).reshape(len(prompts), per_class, -1))
+    raw = embed_texts(model, flat, space, normalize=similarity == "cosine")
+    return ensemble(raw.reshape(len(prompts), per_class, -1), similarity)
 
 
 def zero_shot_accuracy(scores: np.ndarray, labels: np.ndarray, ks: Sequence[int] = (1, 5)) -> dict[str, float]:

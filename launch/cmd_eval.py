@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from eval.config import (
+    BenchmarkConfig,
     ClusterConfig,
     EmbedConfig,
     ReportConfig,
@@ -66,27 +67,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=None, help="metrics JSON (default: <embeddings>/zeroshot.json)")
     p.set_defaults(func=run_zeroshot)
 
-    p = cmds.add_parser(
+    from eval.benchmark import PROTOCOLS  # the benchmark names come from the protocol table
+
+    p = _add_parser(
+        cmds,
         "benchmark",
-        help="a standard benchmark in one command: build, embed and score with the paper's protocol",
+        BenchmarkConfig,
+        "a standard benchmark in one command: build, embed and score with the paper's protocol",
         description="Build the benchmark's shards from its files as distributed (cached), embed them with the "
-        "protocol of the paper's evaluation code, score, and print each metric beside the paper's number "
-        "(docs/evaluation.md, Benchmarks). --set windows=N, num_frames=N, fps=F, size=S (null: the model's), "
-        "max_words=N, templates=[...] change the protocol; folds=3 gives UCF101/HMDB51's three-split mean.",
+        "protocol of the paper's evaluation code, score, and print each metric beside the published numbers "
+        "(docs/evaluation.md, Benchmarks). Every setting below left null keeps the official protocol.",
     )
-    p.add_argument(
-        "name",
-        choices=("msrvtt", "youcook2", "ucf101", "hmdb51", "vggsound", "ave", "kinetics400"),
-        help="the benchmark",
-    )
+    p.add_argument("name", choices=sorted(PROTOCOLS), help="the benchmark")
     p.add_argument("--root", required=True, help="the benchmark's folder as distributed (videos + annotation files)")
     p.add_argument("--checkpoint", required=True, help="export dir or s3d_howto100m.pth")
     p.add_argument("--out", default="benchmarks", help="shards, embeddings and <NAME>.json (default ./benchmarks)")
     p.add_argument("--tokenizer", default=None, help="sentencepiece model (default: the export's)")
     p.add_argument("--dict", default=None, help="the released S3D's word list s3d_dict.npy (its text tower)")
-    p.add_argument("--workers", type=int, default=2, help="build and loader worker processes")
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto")
-    add_overrides(p, "see above")
     p.set_defaults(func=run_benchmark)
 
     p = _add_parser(sub, "search", SearchConfig, "top-k videos for a text query or a query clip")
@@ -101,12 +99,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_search)
 
 
-def _add_parser(sub: argparse._SubParsersAction, name: str, config: type, help: str) -> argparse.ArgumentParser:
+def _add_parser(
+    sub: argparse._SubParsersAction, name: str, config: type, help: str, description: str | None = None
+) -> argparse.ArgumentParser:
     """A subcommand with `--set KEY=VALUE` for the fields of `config`, listed with their defaults in its --help."""
     settings = "\n".join(f"  {line}" for line in describe(config))
     p = sub.add_parser(
         name,
         help=help,
+        description=description,
         epilog=f"settings (--set KEY=VALUE, repeatable; values are YAML), with their defaults:\n{settings}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -274,19 +275,19 @@ def run_report(args: argparse.Namespace) -> int:
 
 
 def run_benchmark(args: argparse.Namespace) -> int:
-    from eval.benchmark import format_benchmark, run_benchmark
-    from pipeline.config import apply_overrides
+    from eval.benchmark import format_benchmark
+    from launch.benchmark import run_benchmark
     from pipeline.distributed import resolve_device
 
+    cfg = eval_config(BenchmarkConfig, args.overrides)
     result = run_benchmark(
         args.name,
         args.root,
         args.checkpoint,
         args.out,
+        cfg,
         tokenizer=args.tokenizer,
         dict_path=args.dict,
-        overrides=apply_overrides({}, list(args.overrides)),
-        workers=args.workers,
         device=resolve_device(args.device),
     )
     print(format_benchmark(result))

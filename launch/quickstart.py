@@ -182,7 +182,7 @@ def evaluate(
     from eval.embed import embed_dataset, load_model, read_embeddings
     from eval.probe import row_array
     from eval.report import write_report
-    from eval.retrieval import retrieval_metrics
+    from eval.retrieval import evaluate_retrieval
 
     model = load_model(model_dir, tokenizer=model_dir / TOKENIZER_NAME)
     shards = len(shard_paths(dataset))
@@ -193,16 +193,12 @@ def evaluate(
     truth = np.array([classes.index(lab) for lab in labels])
     row: dict[str, float] = {"videos": len(emb.meta), "captions": len(emb.caption_video)}
     spaces = sorted({n.split("@", 1)[1] for n in emb.arrays if n.startswith("video@") and "." not in n})
-    for query, prefix in (("text", "t2v"), ("audio", "a2v")):
+    for query, prefix in (("text", "t2v"), ("audio", "a2v")):  # audio: each video's own, over those with audio
         space = next((s for s in spaces if f"{query}@{s}" in emb.arrays), None)
         if space is None:
             continue
-        video, q = emb.get(f"video@{space}"), emb.get(f"{query}@{space}")
-        if query == "text":
-            m = retrieval_metrics(q @ video.T, [np.array([v]) for v in emb.caption_video])
-        else:  # each video's audio finds that video, over the videos that have audio
-            keep = emb.has_audio
-            m = retrieval_metrics(q[keep] @ video[keep].T)
+        direction = f"{query}->video@{space}"
+        m = evaluate_retrieval(emb, directions=[direction])[direction]
         row.update({f"{prefix}_R@{k}": m[f"R@{k}"] for k in (1, 5, 10)} | {f"{prefix}_MedR": m["MedR"]})
     assign = kmeans(row_array(emb, "auto"), len(classes), seed=0).assign
     clusters = cluster_metrics(assign, truth)

@@ -79,6 +79,9 @@ class DataConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     gdt_shift_seconds: float = 0.5  # minimum start gap of GDT's shifted view
     eval_windows: int = 1  # eval views: N uniformly spaced windows; 0 = num_frames over the whole clip
+    eval_placement: Literal["spread", "middle", "captions"] = "spread"  # eval windows over the sample, at its
+    # middle (one window: SeLaVi's clip), or over the span of its captions (a step padded with what follows it)
+    eval_end_gap: float = 0.0  # eval views: the last window ends this many seconds before the span does (MIL-NCE 0.4)
     require_audio: bool = False  # drop (and count) samples without audio instead of zero-filling
     labels: list[str] | None = None  # None: scan the shards' json members for label strings
     with_meta: bool = False  # eval views: add `meta` (list of dicts: idx, id, label, captions)
@@ -106,6 +109,13 @@ class DataConfig:
             raise ValueError(f"augment.where={self.augment.where!r} is not one of auto, device, workers")
         if self.views == "milnce" and not self.text.enabled:
             raise ValueError("views='milnce' needs text.enabled=true (MIL-NCE pairs clips with captions)")
+        if self.eval_placement not in ("spread", "middle", "captions"):
+            raise ValueError(f"eval_placement={self.eval_placement!r} is not one of spread, middle, captions")
+        if self.eval_placement == "middle" and self.eval_windows != 1 or self.eval_end_gap < 0:
+            raise ValueError(
+                f"eval_placement={self.eval_placement!r} with eval_windows={self.eval_windows}, eval_end_gap="
+                f"{self.eval_end_gap}: the middle takes one window, and the end gap is >= 0"
+            )
         if self.eval_windows < 0 or self.text.num_captions < 1 or self.max_consecutive_rejects < 1:
             raise ValueError(
                 f"eval_windows={self.eval_windows}, text.num_captions={self.text.num_captions}, "

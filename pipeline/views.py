@@ -101,13 +101,37 @@ def sample_selflabel(sample: dict, cfg: DataConfig, rng: np.random.Generator, to
     return out
 
 
-def eval_window_starts(duration: float, clip_seconds: float, windows: int) -> list[float]:
-    """Window starts (seconds into the sample) of the eval view: `windows` evenly spaced clips, the first at 0
-    and the last ending at the sample's end (all at 0 when the sample is shorter than a clip), or, with
-    `windows` 0, one clip at 0 whose frames spread over the whole sample."""
+def eval_window_starts(
+    duration: float,
+    clip_seconds: float,
+    windows: int,
+    *,
+    placement: str = "spread",
+    end_gap: float = 0.0,
+    span: tuple[float, float] | None = None,
+) -> list[float]:
+    """Window starts (seconds into the sample) of the eval view.
+
+    `spread`: `windows` evenly spaced clips over `span` (default the whole sample), the first at its start and the
+    last ending `end_gap` seconds before its end (all at the start when the span is shorter than that); with
+    `captions` placement `span` is the captions' and a clip may run on past it, into what follows. `middle`: one
+    clip centred on the span (SeLaVi's protocol). `windows` 0: one clip at 0 whose frames spread over the sample.
+    """
     if windows == 0:
         return [0.0]
-    return np.linspace(0, max(duration - clip_seconds, 0), windows).tolist()
+    lo, hi = (0.0, duration) if span is None else span
+    if placement == "middle":
+        return [max(lo, (lo + hi - clip_seconds) / 2)]
+    return np.linspace(lo, max(hi - clip_seconds - end_gap, lo), windows).tolist()
+
+
+def eval_span(meta: dict, duration: float, placement: str) -> tuple[float, float]:
+    """What the eval windows cover: the captions' span for `captions` placement (the whole sample when it has no
+    timed caption), else the whole sample."""
+    times = [(c["start"], c["end"]) for c in meta.get("captions") or [] if "start" in c and "end" in c]
+    if placement != "captions" or not times:
+        return 0.0, duration
+    return min(a for a, _ in times), min(max(b for _, b in times), duration)
 
 
 def sample_eval(sample: dict, cfg: DataConfig, rng: np.random.Generator, tokenizer: Any) -> dict:
@@ -120,7 +144,15 @@ def sample_eval(sample: dict, cfg: DataConfig, rng: np.random.Generator, tokeniz
     """
     size = _scaled_size(sample["meta"], cfg.size)
     video, duration = _open(sample, cfg, size=size, train=False)
-    starts = eval_window_starts(duration, _clip_seconds(cfg), cfg.eval_windows)
+    span = eval_span(sample["meta"], duration, cfg.eval_placement)
+    starts = eval_window_starts(
+        duration,
+        _clip_seconds(cfg),
+        cfg.eval_windows,
+        placement=cfg.eval_placement,
+        end_gap=cfg.eval_end_gap,
+        span=span,
+    )
     fps = cfg.num_frames / max(duration, 1e-6) if cfg.eval_windows == 0 else cfg.fps
     out = _common(sample)
     windows = []
@@ -209,11 +241,16 @@ def _clamp_start(start: float, duration: float, cfg: DataConfig) -> float:
 
 
 def _scaled_size(meta: dict, short_side: int) -> tuple[int, int] | None:
-    """The decoder's output size for an eval view (short side = the model's size), from the json's frame size."""
+    """The decoder's output size for an eval view (short side = the model's size), from the json's frame size.
+
+    The long side is rounded to the parity of the short one, so the centred square sits exactly in the middle
+    (456 x 256 at 224: 400 wide, not 399 with the crop half a pixel off centre)."""
     h, w = meta.get("height"), meta.get("width")
     if not (isinstance(h, int) and isinstance(w, int) and h > 0 and w > 0):
         return None
-    return Vd.short_side_size(h, w, short_side)
+    scale = short_side / min(h, w)
+    sides = [short_side + 2 * round((side * scale - short_side) / 2) for side in (h, w)]
+    return max(short_side, sides[0]), max(short_side, sides[1])
 
 
 def _open(

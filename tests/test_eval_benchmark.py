@@ -13,7 +13,8 @@ import pytest
 
 from launch.cli import main
 
-QUICK = ["--set", "size=32", "--set", "num_frames=4", "--set", "fps=10", "--set", "windows=2", "--workers", "1"]
+QUICK = ["--set", "size=32", "--set", "num_frames=4", "--set", "fps=10", "--set", "windows=2", "--set", "workers=1"]
+ONE_SPLIT = ["--set", "folds=1"]  # replicas of UCF101 / HMDB51 with split 1's lists only
 
 
 def _video(path: Path, colour: str, seconds: float = 1.5) -> Path:
@@ -51,12 +52,16 @@ def test_ucf101_from_its_split_lists(model, tmp_path, capsys):
     (lists / "testlist01.txt").write_text("".join(f"{r}\r\n" for r in test))
     out = tmp_path / "bench"
     argv = ["eval", "benchmark", "ucf101", "--root", str(root), "--checkpoint", str(export), "--out", str(out)]
+    assert main([*argv, "--tokenizer", str(tokenizer), *QUICK]) == 2  # the default is the mean of the three splits
+    err = capsys.readouterr().err
+    assert "no trainlist02.txt for split 2 (set folds=1" in err and not (out / "ucf101").exists()  # before any work
+    argv += ONE_SPLIT
     assert main([*argv, "--tokenizer", str(tokenizer), *QUICK]) == 0
     result = json.loads((out / "ucf101.json").read_text())
     m = result["metrics"]
     assert (m["classes"], m["train"], m["test"]) == (2, 6, 2)
     assert {"svm_top1", "knn_top1", "zeroshot_top1"} <= set(m) and 0 <= m["svm_top1"] <= 100
-    assert result["paper"]["svm_top1"] == 82.7 and "eval_hmdb" in result["protocol"]["source"]
+    assert result["references"]["paper"]["values"]["svm_top1"] == 82.7 and "eval_hmdb" in result["protocol"]["source"]
     (emb_train,) = (out / "ucf101").glob("emb_train-*")
     windows = np.load(emb_train / "video_feat.windows.npy")
     assert windows.shape[:2] == (6, 2)  # every window's features: the SVM is fitted on windows, as MIL-NCE
@@ -98,7 +103,20 @@ def test_msrvtt_1k_a_from_the_jsfusion_list(model, tmp_path, capsys):
     assert main([*argv, "--tokenizer", str(tokenizer), *QUICK]) == 0
     m = json.loads((out / "msrvtt.json").read_text())["metrics"]
     assert m["queries"] == 3 and 0 <= m["t2v_R@1"] <= m["t2v_R@5"] <= 100 and 1 <= m["t2v_MedR"] <= 3
-    assert "9.9" in capsys.readouterr().out  # the paper's R@1 beside ours
+    table = capsys.readouterr().out
+    assert "9.9" in table and "TF eval" in table.splitlines()[1] and "PyTorch" in table.splitlines()[1]
+    assert "TF eval: MIL-NCE paper / README: DeepMind's TensorFlow evaluation" in table  # what each column is
+    assert "PyTorch: the official PyTorch eval_msrvtt.py on the released S3D-G" in table
+    result = json.loads((out / "msrvtt.json").read_text())
+    assert result["references"]["PyTorch"]["values"]["t2v_R@10"] == 35.0 and result["metrics"]["similarity"] == "cosine"
+    # the checkpoint's own clip (its frames and rate) instead of the official 16 at 5 fps: embedded anew
+    assert (
+        main([*argv, "--tokenizer", str(tokenizer), "--set", "clip=model", "--set", "size=32", "--set", "windows=2"])
+        == 0
+    )
+    own = json.loads((out / "msrvtt.json").read_text())["protocol"]
+    assert own["clip_setting"] == "model" and own["clip"] == {"size": 32}
+    assert len(list((out / "msrvtt").glob("emb_test-*"))) == 2
     assert main(["eval", "benchmark", "msrvtt", "--root", str(tmp_path / "none"), "--checkpoint", str(export)]) == 2
     assert "MSRVTT_JSFUSION_test.csv not found" in capsys.readouterr().err
 
@@ -123,24 +141,82 @@ def test_youcook2_scores_each_validation_step_as_a_clip(model, tmp_path):
     meta = [json.loads(line) for line in (emb / "meta.jsonl").read_text().splitlines()]
     assert sorted(r["id"] for r in meta) == ["GLd3aX16zBg_0", "GLd3aX16zBg_1", "xHr8X2Wpmno_0", "xHr8X2Wpmno_1"]
     assert all(abs(r["duration"] - 2.0) < 0.2 for r in meta)  # each clip is its step's segment
+    warnings = json.loads((out / "youcook2.json").read_text())["warnings"]
+    assert any("validation_youcook.csv not found" in w for w in warnings)  # not MIL-NCE's list: said so
 
 
-def test_vggsound_clusters_the_test_split_with_k_the_number_of_classes(model, tmp_path, capsys):
+def test_youcook2_scores_milnce_s_clip_list_with_windows_running_past_short_steps(model, tmp_path):
+    """validation_youcook.csv (MIL-NCE's 3,350 steps) is the clip list; as eval_youcook.py, each 3.2-s window is cut
+    from the whole video, so the windows of a step shorter than that show the frames that follow it."""
+    export, tokenizer = model
+    root = tmp_path / "YouCook2"
+    video = root / "validation" / "226" / "xHr8X2Wpmno.mp4"  # MIL-NCE's Youcook2_val layout: validation/<task>/
+    video.parent.mkdir(parents=True)
+    red_then_blue = "color=c=red:size=64x48:rate=25:duration=8,drawbox=c=blue:t=fill:enable='gte(t,3)'"
+    argv = [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-f", "lavfi", "-i", red_then_blue]
+    subprocess.run([*argv, "-pix_fmt", "yuv420p", str(video)], check=True, timeout=60, capture_output=True)
+    _video(root / "validation" / "105" / "V53XmPeyjIU.mp4", "0.8", seconds=6.0)
+    rows = ["end,start,task,text,video_id", "2,1,226,pick the ends off,xHr8X2Wpmno",
+            "7.9,3.5,226,combine lemon juice,xHr8X2Wpmno", "5,0,105,combine salt and butter,V53XmPeyjIU"]  # fmt: skip
+    (root / "validation_youcook.csv").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "bench"
+    argv = ["eval", "benchmark", "youcook2", "--root", str(root), "--checkpoint", str(export), "--out", str(out)]
+    small = ["--set", "size=32", "--set", "windows=2", "--set", "workers=1"]  # the official 16 frames at 5 fps
+    assert main([*argv, "--tokenizer", str(tokenizer), *small]) == 0
+    result = json.loads((out / "youcook2.json").read_text())
+    assert result["metrics"]["queries"] == 3 and not any("not found" in w for w in result["warnings"])
+    (emb,) = (out / "youcook2").glob("emb_val-*")
+    meta = {r["id"]: r for r in map(json.loads, (emb / "meta.jsonl").read_text().splitlines())}
+    assert sorted(meta) == ["V53XmPeyjIU_0002", "xHr8X2Wpmno_0000", "xHr8X2Wpmno_0001"]
+    short = meta["xHr8X2Wpmno_0000"]  # 1 s long: both windows start with it and run 3.2 s, past its end
+    assert short["windows"] == [[1.0, 4.2], [1.0, 4.2]]
+    assert meta["xHr8X2Wpmno_0001"]["windows"] == [[3.5, 6.7], [4.3, 7.5]]  # linspace(start, end - 3.6, 2)
+
+    from pipeline.dataset import iter_samples, shard_paths
+    from pipeline.video import decode_clip, open_video
+
+    samples = {}
+    for shard in shard_paths(out / "youcook2" / "data_val"):
+        with open(shard, "rb") as f:
+            samples.update({json.loads(files["json"])["id"]: files for _, files in iter_samples(f)})
+    clip = decode_clip(open_video(samples["xHr8X2Wpmno_0000"]["mp4"]), 0.0, 16, 5.0).dense().float()  # (3, T, H, W)
+    red_minus_blue = (clip[0] - clip[2]).mean((1, 2))  # per frame
+    assert (red_minus_blue[:10] > 100).all() and (red_minus_blue[-5:] < -100).all()  # the step, then what follows
+
+
+def test_vggsound_clusters_the_train_split_with_chance_beside_it(model, tmp_path, capsys):
+    """SeLaVi labels and scores the split it trained on; NMI and accuracy of a random clustering are far from 0
+    on a small split, so the chance level is printed beside them."""
     export, tokenizer = model
     root = tmp_path / "VGGSound"
     rows = []
     for i, (label, colour) in enumerate([("dog barking", "0.8")] * 3 + [("playing piano", "-0.8")] * 3):
         ytid = f"yt{i:09d}"
         _video(root / "video" / f"{ytid}_000030.mp4", colour, seconds=2.0)
-        rows.append(f"{ytid},30,{label},{'test' if i % 3 else 'train'}")
+        rows.append(f"{ytid},30,{label},{'test' if i % 3 == 0 else 'train'}")
     (root / "vggsound.csv").write_text("\n".join(rows) + "\n")
     out = tmp_path / "bench"
     argv = ["eval", "benchmark", "vggsound", "--root", str(root), "--checkpoint", str(export), "--out", str(out)]
     assert main([*argv, "--tokenizer", str(tokenizer), *QUICK, "--set", "windows=1"]) == 0
-    m = json.loads((out / "vggsound.json").read_text())["metrics"]
-    assert (m["classes"], m["videos"], m["method"]) == (2, 4, "kmeans")  # the 4 test clips, k = 2 classes
+    result = json.loads((out / "vggsound.json").read_text())
+    m = result["metrics"]
+    assert (m["classes"], m["videos"], m["method"]) == (2, 4, "kmeans")  # the 4 train clips, k = 2 classes
     assert 0 <= m["NMI"] <= 100 and 50 <= m["acc"] <= 100  # Hungarian accuracy of 2 clusters is at least half
-    assert "55.9" in capsys.readouterr().out
+    assert list(m)[:2] == ["aNMI", "ARI"] and set(m["chance"]) == {"aNMI", "ARI", "NMI", "acc", "purity"}
+    assert 50 <= m["chance"]["acc"] <= 100 and result["protocol"]["split"] == "train"
+    assert result["references"]["SeLaVi"]["values"]["NMI"] == 54.6  # one table's row, all from the same run
+    table = capsys.readouterr().out
+    assert "chance" in table.splitlines()[1] and "SeLaVi: SeLaVi paper, the clustering table" in table
+    assert main([*argv, "--tokenizer", str(tokenizer), *QUICK, "--set", "windows=1", "--set", "split=test"]) == 0
+    assert json.loads((out / "vggsound.json").read_text())["metrics"]["videos"] == 2
+
+
+def test_the_clustering_clip_is_the_middle_second(tmp_path):
+    from pipeline.views import eval_window_starts
+
+    assert eval_window_starts(10.0, 1.0, 1, placement="middle") == [4.5]  # SeLaVi: frame 500 of 1000 onwards
+    assert eval_window_starts(0.6, 1.0, 1, placement="middle") == [0.0]  # shorter than the clip: from the start
+    assert eval_window_starts(10.0, 1.0, 1) == [0.0]  # spread placement: the first second
 
 
 def test_kinetics400_zero_shot_from_its_validation_csv(model, tmp_path, capsys):
@@ -184,30 +260,36 @@ def test_hmdb51_from_its_split_files(model, tmp_path):
         (splits / f"{label}_test_split1.txt").write_text("\n".join(lines) + "\n")
     out = tmp_path / "bench"
     argv = ["eval", "benchmark", "hmdb51", "--root", str(root), "--checkpoint", str(export), "--out", str(out)]
-    assert main([*argv, "--tokenizer", str(tokenizer), *QUICK]) == 0
+    assert main([*argv, "--tokenizer", str(tokenizer), *QUICK, *ONE_SPLIT]) == 0
     result = json.loads((out / "hmdb51.json").read_text())
     assert (result["metrics"]["train"], result["metrics"]["test"]) == (6, 2)  # the "0" (unused) rows left out
-    assert result["paper"] == {"svm_top1": 53.1}
+    assert result["references"]["paper"]["values"] == {"svm_top1": 53.1}
     assert result["videos"] == {
         "train": {"listed": 6, "built": 6, "scored": 6, "failed": 0, "skipped": 0},
         "test": {"listed": 3, "built": 2, "scored": 2, "failed": 1, "skipped": 0, "too_few": True},
     }
     assert not result["comparable"] and any("1 of the 3 listed videos" in w for w in result["warnings"])
+    svm = result["metrics"]["svm"]  # the official solver, and how its fit went
+    assert svm["solver"].startswith("liblinear") and svm["C"] == 100.0 and svm["objective"] > 0
 
 
-def test_ave_clusters_its_test_split(model, tmp_path):
+def test_ave_clusters_its_train_split_from_its_own_list(model, tmp_path):
     export, tokenizer = model
     root = tmp_path / "AVE_Dataset"
     lines = ["Category&VideoID&Quality&StartTime&EndTime"]
     for i, (label, colour) in enumerate([("Church bell", "0.8")] * 2 + [("Barking", "-0.8")] * 2):
         _video(root / "AVE" / f"ave{i:08d}.mp4", colour)
         lines.append(f"{label}&ave{i:08d}&good&0&1")
-    (root / "testSet.txt").write_text("\n".join(lines) + "\n")
+    (root / "trainSet.txt").write_text("\n".join(lines) + "\n")
+    (root / "testSet.txt").write_text("\n".join(lines[:2] + lines[3:4]) + "\n")
     out = tmp_path / "bench"
     argv = ["eval", "benchmark", "ave", "--root", str(root), "--checkpoint", str(export), "--out", str(out)]
     assert main([*argv, "--tokenizer", str(tokenizer), *QUICK, "--set", "windows=1"]) == 0
     result = json.loads((out / "ave.json").read_text())
-    assert (result["metrics"]["classes"], result["metrics"]["videos"]) == (2, 4) and result["paper"]["NMI"] == 66.2
+    assert (result["metrics"]["classes"], result["metrics"]["videos"]) == (2, 4)  # trainSet.txt, SeLaVi's split
+    assert result["references"]["SeLaVi"]["values"]["NMI"] == 66.2 and result["protocol"]["placement"] == "middle"
+    assert main([*argv, "--tokenizer", str(tokenizer), *QUICK, "--set", "windows=1", "--set", "split=test"]) == 0
+    assert json.loads((out / "ave.json").read_text())["metrics"]["videos"] == 2  # testSet.txt
 
 
 def test_the_released_checkpoint_format_goes_through_msrvtt_and_youcook2_with_the_official_protocol(tmp_path):
@@ -243,7 +325,8 @@ def test_the_released_checkpoint_format_goes_through_msrvtt_and_youcook2_with_th
     out = tmp_path / "bench"
     for name, root, queries in (("msrvtt", msrvtt, 2), ("youcook2", youcook, 2)):
         assert (
-            main(["eval", "benchmark", name, "--root", str(root), *release, "--out", str(out), "--workers", "1"]) == 0
+            main(["eval", "benchmark", name, "--root", str(root), *release, "--out", str(out), "--set", "workers=1"])
+            == 0
         )
         result = json.loads((out / f"{name}.json").read_text())
         assert result["metrics"]["queries"] == queries and result["protocol"]["windows"] == 10
@@ -294,7 +377,7 @@ def test_a_checkpoint_re_exported_to_the_same_path_is_embedded_again_with_the_de
     ckpt = tmp_path / "ckpt"
     shutil.copytree(export, ckpt)
     root, out = _kinetics(tmp_path / "K400", ["playing guitar", "riding a bike", "yoga"]), tmp_path / "bench"
-    quick = [a for a in QUICK if a not in ("--workers", "1")]
+    quick = [a for a in QUICK if a != "workers=1"][:-1]  # the default workers
     with caplog.at_level("INFO", logger="eval.embed"):
         assert _bench("kinetics400", root, ckpt, out, tokenizer, *quick) == 0
     assert "1 shard(s), so 1 loader worker(s) per rank instead of 2" in caplog.text
@@ -413,6 +496,6 @@ def test_the_current_kinetics_download_and_hmdb51_class_folders_under_root(model
             _video(root / label / f"{label}_clip_{i}.avi", colour)  # the class folders right under --root
             lines.append(f"{label}_clip_{i}.avi {kind} ")
         (splits / f"{label}_test_split1.txt").write_text("\n".join(lines) + "\n")
-    assert _bench("hmdb51", root, export, out, tokenizer, *QUICK) == 0
+    assert _bench("hmdb51", root, export, out, tokenizer, *QUICK, *ONE_SPLIT) == 0
     m = json.loads((out / "hmdb51.json").read_text())["metrics"]
     assert (m["train"], m["test"], m["classes"]) == (4, 2, 2)

@@ -138,6 +138,45 @@ def test_linear_svm_matches_scikit_learns_linearsvc():
     x = 5.0 * x + 1.0  # raw features, not unit length, with an offset the intercept must absorb
     tr, te = split_train_test(np.arange(len(y)), 0.3, seed=0)
     ours = linear_svm_scores(x[tr], y[tr], x[te], C=100.0)
-    ref = LinearSVC(C=100.0, max_iter=200000, tol=1e-8).fit(x[tr], y[tr])
-    assert np.mean(ours.argmax(1) == ref.decision_function(x[te]).argmax(1)) >= 0.95
-    np.testing.assert_allclose(ours, ref.decision_function(x[te]), rtol=0.05, atol=0.05)
+    official = LinearSVC(C=100.0, dual=True, random_state=0).fit(x[tr], y[tr])  # eval_hmdb.py's configuration
+    np.testing.assert_allclose(ours, official.decision_function(x[te]), rtol=1e-9, atol=1e-9)
+    optimum = LinearSVC(C=100.0, dual=True, max_iter=200000, tol=1e-8).fit(x[tr], y[tr])
+    assert np.mean(ours.argmax(1) == optimum.decision_function(x[te]).argmax(1)) >= 0.95
+    two = y[tr] < 2  # two classes: scikit-learn gives one decision column, the SVM gives both
+    both = linear_svm_scores(x[tr][two], y[tr][two], x[te], C=100.0)
+    one = LinearSVC(C=100.0, dual=True, random_state=0).fit(x[tr][two], y[tr][two]).decision_function(x[te])
+    np.testing.assert_allclose(both, np.stack([-one, one], 1), rtol=1e-9, atol=1e-9)
+
+
+def _post_relu_windows(classes: int, videos: int, windows: int, dim: int, rng) -> tuple[np.ndarray, np.ndarray]:
+    """Window features shaped like S3D's mixed_5c after its ReLU: a weak class mean, a per-video offset and
+    per-window noise, clipped at 0 (the synthetic HMDB-like case of the benchmark audit)."""
+    mu = rng.normal(0, 0.10, (classes, dim))
+    y = np.repeat(np.arange(classes), videos)
+    x = mu[y][:, None] + rng.normal(0, 1, (len(y), 1, dim)) + rng.normal(0, 0.7, (len(y), windows, dim))
+    return np.maximum(x, 0).astype(np.float32), y
+
+
+def test_the_svm_gives_the_converged_optimums_decisions_where_500_lbfgs_iterations_did_not():
+    """20 classes x 30 videos x 5 windows of 512-d features: the earlier L-BFGS primal fit (500 iterations) agreed
+    with the converged optimum on 77 % of the test videos (measured); liblinear's dual coordinate descent as the
+    official script runs it (1,000 iterations) must agree on all but a rare tie, and record how its fit went."""
+    from sklearn.svm import LinearSVC
+
+    from eval.probe import linear_svm
+
+    rng = np.random.default_rng(0)
+    (train, y_train), (test, y_test) = (_post_relu_windows(20, n, 5, 512, rng) for n in (30, 10))
+    windows = lambda x: x.reshape(-1, x.shape[-1])  # noqa: E731
+    scores, info = linear_svm(windows(train), np.repeat(y_train, 5), windows(test), C=100.0)
+    pred = scores.reshape(len(y_test), 5, -1).sum(1).argmax(1)
+    ref = LinearSVC(C=100.0, dual=True, max_iter=50000, tol=1e-6, random_state=0).fit(
+        windows(train), np.repeat(y_train, 5)
+    )
+    best = ref.decision_function(windows(test)).reshape(len(y_test), 5, -1).sum(1).argmax(1)
+    assert np.mean(pred == best) >= 0.99
+    assert info["solver"].startswith("liblinear") and info["iterations"] <= 1000 and isinstance(info["converged"], bool)
+    from eval.probe import _svm_objective
+
+    optimum = _svm_objective(windows(train), np.repeat(y_train, 5), ref, 100.0)
+    assert optimum <= info["objective"] <= 1.05 * optimum  # close to the optimum's objective, never below it
