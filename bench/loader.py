@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models.contracts import AudioInput, TextInput, VideoInput  # noqa: E402
 from pipeline import video as Vd  # noqa: E402
 from pipeline import views  # noqa: E402
+from pipeline.batch_memory import collate_rows  # noqa: E402
 from pipeline.data import make_train_loader  # noqa: E402
 from pipeline.data_config import (  # noqa: E402
     AudioConfig,
@@ -50,7 +51,7 @@ from pipeline.data_config import (  # noqa: E402
     TextConfig,
     resolve_inputs,  # noqa: E402
 )
-from pipeline.stages import CheckSample, collate_rows  # noqa: E402
+from pipeline.stages import CheckSample  # noqa: E402
 from pipeline.views import decoder_for  # noqa: E402
 
 H100_BF16_FLOPS, MFU = 989e12, 0.35
@@ -196,7 +197,7 @@ def loader_run(cfg: DataConfig, workers: int, clips: int) -> dict:
     """One loader epoch of `clips` clips consumed as a GPU run would: the main process hands each batch on and
     releases it (on a GPU the copy and augmentation cost no CPU to speak of). CPU by process, per clip."""
     cfg = dataclasses.replace(cfg, num_workers=workers, epoch_samples=clips)
-    loader = make_train_loader(cfg, rank=0, world_size=1, seed=0, device="cpu")
+    loader = make_train_loader(cfg, rank=0, world_size=1, seed=0, device="cpu", raw=True)
     batches = iter(loader)
     first = next(batches)  # workers started and warm: count from here, so start-up is left out
     loader.release(first)
@@ -304,7 +305,8 @@ def main() -> None:
             ones.append(loader_run(cfg, 1, args.clips))
             decodes.append(bare_decode(loop["picks"], args.clips))
         two = loader_run(cfg, 2, args.clips)
-        raw = make_train_loader(dataclasses.replace(cfg, num_workers=0, epoch_samples=32), rank=0, world_size=1, seed=0)
+        raw_cfg = dataclasses.replace(cfg, num_workers=0, epoch_samples=32)
+        raw = make_train_loader(raw_cfg, rank=0, world_size=1, seed=0, raw=True)
         raw_batches = list(raw)
         step_ms = step_on_cpu(cfg, raw_batches)
         gpu_ms = step_on_gpu(cfg, raw_batches[0])

@@ -9,16 +9,11 @@ re-run skips finished shards, and parts of a job array split the shards by `shar
 from __future__ import annotations
 
 import collections
-import contextlib
-import errno
-import fcntl
 import json
 import logging
 import os
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
 from pathlib import Path
 
 from tqdm import tqdm
@@ -28,17 +23,20 @@ from data_prep.captions import clip_captions
 from data_prep.plan import WORKER_CRASHED, Chunk, Plan, make_plan
 from data_prep.pool import CrashSafePool
 from data_prep.readers import read_sources
-from data_prep.shards import encode_sample_json, write_json_atomic, write_shard
+from data_prep.shards import encode_sample_json, write_shard
 from data_prep.sources import Failure, SourceItem
 from pipeline.dataset import (
     AUDIO_MEMBERS,
     DATASET_JSON,
-    FORMAT_NAME,
-    FORMAT_VERSION,
+    FAILURES_JSONL,
     SHARDS_DIR,
+    STATS_DIR,
+    dataset_json,
     sample_key,
     shard_name,
+    stats_name,
 )
+from pipeline.files import atomic_write, output_lock, stale_temporaries, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +120,7 @@ def build_dataset(
         log.info("removed %d temporary folder(s) left by killed workers", stale)
     with output_lock(out, part=part if num_parts > 1 else None):
         (out / SHARDS_DIR).mkdir(parents=True, exist_ok=True)
-        (out / "stats").mkdir(exist_ok=True)
+        (out / STATS_DIR).mkdir(exist_ok=True)
         pool = CrashSafePool(workers)
         try:
             plan = make_plan(pool, sources, out, prep, may_reprobe=num_parts == 1)
@@ -146,62 +144,6 @@ def build_dataset(
         summary.complete = _finalize(out, plan, n_shards, prep)
     summary.elapsed = time.perf_counter() - t0
     return summary
-
-
-LOCK = ".lock"
-
-
-@contextlib.contextmanager
-def output_lock(out: str | os.PathLike, *, part: int | None = None) -> Iterator[None]:
-    """Hold `<out>/.lock` while writing `out`, so a second vatp process writing there is refused in one line.
-
-    The lock is exclusive (`fcntl.flock`, non-blocking); part `I` of a job array instead shares `.lock` with the
-    other parts and holds `.lock.part<I>` exclusively, so parts run side by side but a whole build, or the same
-    part twice, does not. The holder's pid is in the file it holds exclusively. The lock goes with the process,
-    so a killed run leaves nothing to clean up. On a filesystem without locks the run goes on, unprotected.
-    """
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    mine = out / (LOCK if part is None else f"{LOCK}.part{part}")
-    with contextlib.ExitStack() as stack:
-        if part is not None:
-            _flock(out, out / LOCK, stack.enter_context(open(out / LOCK, "a+b")), fcntl.LOCK_SH)
-        f = stack.enter_context(open(mine, "a+b"))
-        if _flock(out, mine, f, fcntl.LOCK_EX):
-            f.truncate(0)
-            f.write(f"{os.getpid()}\n".encode())
-            f.flush()
-            stack.callback(f.truncate, 0)  # runs before the file closes (and the lock goes)
-        yield
-
-
-def _flock(out: Path, path: Path, f, kind: int) -> bool:
-    """Lock `f` without waiting; False where the filesystem has no locks. A held lock is a one-line ValueError."""
-    try:
-        fcntl.flock(f.fileno(), kind | fcntl.LOCK_NB)
-    except BlockingIOError:
-        raise ValueError(
-            f"{out} is being written by another vatp process (pid {_lock_holder(out, path)}): "
-            "wait for it or choose another --out"
-        ) from None
-    except OSError as e:
-        if e.errno not in (errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
-            raise
-        log.warning("%s: the filesystem does not support locks (%s); nothing stops two runs writing it at once", out, e)
-        return False
-    return True
-
-
-def _lock_holder(out: Path, first: Path) -> str:
-    """The pid written in lock file `first`, else in another of `out`'s, or '?' (the holder has not written it yet)."""
-    for path in [first, out / LOCK, *sorted(out.glob(f"{LOCK}.part*"))]:
-        try:
-            pid = path.read_text(encoding="ascii", errors="replace").strip()
-        except OSError:
-            continue
-        if pid:
-            return pid
-    return "?"
 
 
 def _check_options(fps, short_side, max_seconds, sample_rate, audio_format, samples_per_shard, timeout) -> dict:
@@ -234,13 +176,14 @@ def _check_options(fps, short_side, max_seconds, sample_rate, audio_format, samp
 
 
 def _shard_done(out: Path, s: int) -> bool:
-    return (out / SHARDS_DIR / shard_name(s)).exists() and (out / "stats" / f"{s:06d}.json").exists()
+    return (out / SHARDS_DIR / shard_name(s)).exists() and (out / STATS_DIR / stats_name(s)).exists()
 
 
 def _remove_stale_tmp(out: Path, shards: list[int]) -> None:
     for s in shards:
-        for stale in [out / SHARDS_DIR / f"{shard_name(s)}.tmp", *(out / "stats").glob(f"{s:06d}.json.*tmp")]:
-            stale.unlink(missing_ok=True)
+        for target in (out / SHARDS_DIR / shard_name(s), out / STATS_DIR / stats_name(s)):
+            for stale in stale_temporaries(target):
+                stale.unlink(missing_ok=True)
 
 
 def _write_shards(pool: CrashSafePool, plan: Plan, todo: list[int], out: Path, prep: dict, summary) -> None:
@@ -357,7 +300,7 @@ def _finish_shard(out: Path, s: int, samples, problems: list[Failure], source_se
         "kept": dict(sorted(kept.items())),
         "warnings": [f.to_json() for f in problems if f.kept],
     }
-    write_json_atomic(str(out / "stats" / f"{s:06d}.json"), stats)  # written last: its presence marks the shard done
+    write_json_atomic(out / STATS_DIR / stats_name(s), stats)  # written last: its presence marks the shard done
     summary.samples += len(samples)
     summary.seconds += seconds
     summary.source_seconds += source_seconds
@@ -379,31 +322,20 @@ def _finalize(out: Path, plan: Plan, n_shards: int, prep: dict) -> bool:
     """
     if not all(_shard_done(out, s) for s in range(n_shards)):
         return False
-    stats = [json.loads((out / "stats" / f"{s:06d}.json").read_text(encoding="utf-8")) for s in range(n_shards)]
+    stats = [json.loads((out / STATS_DIR / stats_name(s)).read_text(encoding="utf-8")) for s in range(n_shards)]
     failures = [f.to_json() for f in plan.failures + plan.warnings]
     failures += [f for st in stats for f in st["failures"] + st.get("warnings", [])]
-    tmp = out / f"failures.jsonl.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_write(out / FAILURES_JSONL) as f:
         for row in failures:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, out / "failures.jsonl")
     shards = [{"name": st["shard"], "samples": st["written"], "seconds": st["seconds"]} for st in stats]
     shards = [s for s in shards if s["samples"]]  # a shard whose chunks all failed holds nothing to read
-    dataset = {
-        "format": FORMAT_NAME,
-        "version": FORMAT_VERSION,
-        "shards": shards,
-        "samples": sum(s["samples"] for s in shards),
-        "seconds": round(sum(s["seconds"] for s in shards), 6),
-        "video": {
-            "fps": prep["fps"],
-            "short_side": prep["short_side"],
-            "codec": "h264",
-            "color": media.CANONICAL_COLOR,  # every clip BT.601 limited range, whatever its source's tags
-        },
-        "audio": {"sample_rate": prep["sample_rate"], "format": prep["audio_format"]},
-        "prep": prep,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    video = {
+        "fps": prep["fps"],
+        "short_side": prep["short_side"],
+        "codec": "h264",
+        "color": media.CANONICAL_COLOR,  # every clip BT.601 limited range, whatever its source's tags
     }
-    write_json_atomic(str(out / DATASET_JSON), dataset)
+    audio = {"sample_rate": prep["sample_rate"], "format": prep["audio_format"]}
+    write_json_atomic(out / DATASET_JSON, dataset_json(shards, video=video, audio=audio, prep=prep))
     return True

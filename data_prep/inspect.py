@@ -12,24 +12,17 @@ import soundfile
 from tqdm import tqdm
 
 from data_prep.build import AUDIO_TOLERANCE_S
-from pipeline.dataset import AUDIO_MEMBERS, SHARDS_DIR, iter_tar_members, read_dataset_json, sample_key, split_member
+from pipeline.dataset import (
+    AUDIO_MEMBERS,
+    FAILURES_JSONL,
+    SAMPLE_FIELDS,
+    SHARDS_DIR,
+    iter_tar_members,
+    read_dataset_json,
+    sample_key,
+    split_member,
+)
 
-SAMPLE_FIELDS = {
-    "id": str,
-    "idx": int,
-    "source": str,
-    "start": (int, float),
-    "duration": (int, float),
-    "fps": (int, float),
-    "num_frames": int,
-    "width": int,
-    "height": int,
-    "has_audio": bool,
-    "sample_rate": (int, type(None)),
-    "captions": list,
-    "label": (str, type(None)),
-    "split": (str, type(None)),
-}
 FRAME_TOLERANCE = 1  # decoded frames may differ from num_frames by this much
 
 
@@ -81,7 +74,7 @@ def inspect_dataset(dir: str | os.PathLike, *, decode: int = 8) -> InspectReport
     meta = _read_dataset_json(root, report)
     if meta is None:
         return report
-    report.failures, report.kept = _count_failures(root / "failures.jsonl")
+    report.failures, report.kept = _count_failures(root / FAILURES_JSONL)
     keys: set[str] = set()
     total = sum(entry["samples"] for entry in meta["shards"])
     n = max(0, min(decode, total))  # more than there are: decode every sample

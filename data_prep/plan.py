@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import signal
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,9 +17,9 @@ from tqdm import tqdm
 
 from data_prep import media
 from data_prep.pool import CrashSafePool
-from data_prep.shards import write_json_atomic
 from data_prep.sources import Failure, SourceItem, SourceList
-from pipeline.dataset import SHARDS_DIR
+from pipeline.dataset import PLAN_JSON, SHARDS_DIR, STATS_DIR
+from pipeline.files import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +113,7 @@ def _sources_digest(items: list[SourceItem], prep: dict) -> str:
 
 
 def _cached_probes(out: Path, items: list[SourceItem], prep: dict) -> list[dict] | None:
-    path = out / "plan.json"
+    path = out / PLAN_JSON
     if not path.exists():
         return None
     cached = json.loads(path.read_text(encoding="utf-8"))
@@ -130,15 +129,11 @@ def _cached_probes(out: Path, items: list[SourceItem], prep: dict) -> list[dict]
 
 def _publish_plan(out: Path, items: list[SourceItem], probes: list[dict], prep: dict) -> list[dict]:
     """Write plan.json unless another part got there first; then its probes win, so every part plans alike."""
-    tmp = out / f"plan.json.{os.getpid()}.tmp"
-    write_json_atomic(str(tmp), {"prep": prep, "digest": _sources_digest(items, prep), "probes": probes})
+    plan = {"prep": prep, "digest": _sources_digest(items, prep), "probes": probes}
     try:
-        os.link(tmp, out / "plan.json")  # fails if it exists, unlike a rename
+        write_json_atomic(out / PLAN_JSON, plan, exclusive=True)
     except FileExistsError:
         probes = _cached_probes(out, items, prep)
-    except OSError:  # a filesystem without hard links: last writer wins
-        os.replace(tmp, out / "plan.json")
-    tmp.unlink(missing_ok=True)
     return probes
 
 
@@ -149,7 +144,7 @@ def _reprobe_transient(pool, out: Path, items: list[SourceItem], probes: list[di
     holds an idx yet and no other part is planning from the same plan.json (so: one part only).
     """
     again = [i for i, p in enumerate(probes) if p.get("reason") in TRANSIENT]
-    written = any((out / SHARDS_DIR).glob("*.tar")) or any((out / "stats").glob("*.json"))
+    written = any((out / SHARDS_DIR).glob("*.tar")) or any((out / STATS_DIR).glob("*.json"))
     if not may or written:
         why = "shards are already written" if written else "the build is split into parts"
         log.warning(
@@ -163,7 +158,7 @@ def _reprobe_transient(pool, out: Path, items: list[SourceItem], probes: list[di
     probes = list(probes)
     for i, probe in zip(again, _probe_all(pool, [items[i] for i in again], prep["timeout"])):
         probes[i] = probe
-    write_json_atomic(str(out / "plan.json"), {"prep": prep, "digest": _sources_digest(items, prep), "probes": probes})
+    write_json_atomic(out / PLAN_JSON, {"prep": prep, "digest": _sources_digest(items, prep), "probes": probes})
     fixed = sum(1 for i in again if "reason" not in probes[i])
     log.info("re-probed %d source(s) that failed transiently before: %d now usable", len(again), fixed)
     return probes

@@ -38,6 +38,8 @@ from tqdm import tqdm
 
 from data_prep.synth_audio import render_audio, write_wav
 from data_prep.synth_captions import plan_captions, srt_text
+from data_prep.synth_classes import CLASSES, SynthClass
+from pipeline.files import atomic_path, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -52,36 +54,6 @@ COLOURS = {
     "purple": (150, 60, 200),
     "orange": (245, 140, 30),
 }
-
-
-@dataclass(frozen=True)
-class SynthClass:
-    label: str
-    shape: str
-    colour: str
-    motion: str
-    pitch_hz: float
-    timbre: str
-    rhythm: str
-
-    def to_json(self) -> dict:
-        sound = {"pitch_hz": self.pitch_hz, "timbre": self.timbre, "rhythm": self.rhythm}
-        return {"label": self.label, "shape": self.shape, "colour": self.colour, "motion": self.motion, "sound": sound}
-
-
-# Factors are shared between classes (two circles, two orbits, ...): a class is a combination, not one cue.
-CLASSES = (
-    SynthClass("red_circle_bounce", "circle", "red", "bounce", 523.3, "sine", "sparse"),
-    SynthClass("blue_square_rightward", "square", "blue", "rightward", 196.0, "square", "pulse"),
-    SynthClass("green_triangle_grow", "triangle", "green", "grow", 329.6, "saw", "steady"),
-    SynthClass("yellow_diamond_orbit", "diamond", "yellow", "orbit", 392.0, "sine", "double"),
-    SynthClass("purple_ring_leftward", "ring", "purple", "leftward", 261.6, "saw", "pulse"),
-    SynthClass("orange_cross_shrink", "cross", "orange", "shrink", 659.3, "square", "steady"),
-    SynthClass("blue_circle_wallbounce", "circle", "blue", "wallbounce", 293.7, "square", "sparse"),
-    SynthClass("green_square_bounce", "square", "green", "bounce", 440.0, "saw", "double"),
-    SynthClass("orange_triangle_leftward", "triangle", "orange", "leftward", 784.0, "sine", "steady"),
-    SynthClass("yellow_ring_orbit", "ring", "yellow", "orbit", 220.0, "square", "double"),
-)
 
 
 @dataclass
@@ -144,7 +116,7 @@ def make_synth_corpus(
     plans = [plan_video(i, **geometry) for i in range(videos)]
     splits = assign_splits([CLASSES.index(p.cls) for p in plans], seed)
     for p in plans:
-        _write_atomic(out / "videos" / f"{p.id}.srt", srt_text(p.captions))
+        write_text_atomic(out / "videos" / f"{p.id}.srt", srt_text(p.captions))
 
     written = 0
     with tqdm(total=videos, desc="synth", unit="video") as bar:
@@ -165,10 +137,10 @@ def make_synth_corpus(
                     raise
 
     rows = [{"id": p.id, "path": f"videos/{p.id}.mp4", "label": p.cls.label, "split": s} for p, s in zip(plans, splits)]
-    _write_atomic(out / "manifest.csv", _csv_text(rows))
+    write_text_atomic(out / "manifest.csv", _csv_text(rows))
     classes = {"format": "vatp-synth", "version": FORMAT_VERSION, "classes": [c.to_json() for c in CLASSES]}
-    _write_atomic(out / "classes.json", json.dumps(classes, indent=2) + "\n")
-    _write_atomic(out / "events.jsonl", "".join(json.dumps(_events(p)) + "\n" for p in plans))
+    write_text_atomic(out / "classes.json", json.dumps(classes, indent=2) + "\n")
+    write_text_atomic(out / "events.jsonl", "".join(json.dumps(_events(p)) + "\n" for p in plans))
     summary = _summary(out, plans, splits, written, workers, time.perf_counter() - t0)
     _log_summary(summary)
     return summary
@@ -412,11 +384,20 @@ def _frames(plan: VideoPlan):
 
 
 def _encode(plan: VideoPlan, final: Path, audio: np.ndarray) -> None:
-    """Pipe raw RGB frames into ffmpeg (libx264, one thread, bit-exact flags) with the audio from a temp WAV."""
+    """Render `plan` to `final` with ffmpeg, through a temporary name and a temp WAV of its audio."""
+    wav = final.with_name(final.stem + ".tmp.wav")
+    write_wav(wav, audio, plan.sample_rate)
+    try:
+        with atomic_path(final) as tmp:
+            _ffmpeg(plan, wav, tmp)
+    finally:
+        wav.unlink(missing_ok=True)
+
+
+def _ffmpeg(plan: VideoPlan, wav: Path, out: Path) -> None:
+    """Pipe raw RGB frames into ffmpeg (libx264, one thread, bit-exact flags) with the audio of `wav`, to `out`."""
     import imageio_ffmpeg
 
-    tmp, wav = final.with_name(final.name + ".tmp"), final.with_name(final.stem + ".tmp.wav")
-    write_wav(wav, audio, plan.sample_rate)
     # -threads 1 and +bitexact make the bytes a function of the inputs: same seed, same mp4.
     cmd = [
         imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-y", "-filter_threads", "1",
@@ -425,7 +406,7 @@ def _encode(plan: VideoPlan, final: Path, audio: np.ndarray) -> None:
         "-c:v", "libx264", "-preset", "veryfast", "-crf", "23", "-pix_fmt", "yuv420p", "-g", str(2 * plan.fps),
         "-c:a", "aac", "-aac_coder", "fast", "-b:a", f"{48 * plan.channels}k", "-threads", "1",
         "-fflags", "+bitexact", "-flags:v", "+bitexact", "-flags:a", "+bitexact",
-        "-map_metadata", "-1", "-metadata", f"comment={plan.stamp}", "-f", "mp4", str(tmp),
+        "-map_metadata", "-1", "-metadata", f"comment={plan.stamp}", "-f", "mp4", str(out),
     ]  # fmt: skip
     timeout = 60.0 + 6.0 * plan.seconds
     err = tempfile.TemporaryFile()
@@ -445,15 +426,12 @@ def _encode(plan: VideoPlan, final: Path, audio: np.ndarray) -> None:
             detail = err.read().decode(errors="replace").strip()[-2000:]
             killed = "" if watchdog.is_alive() else f" (killed after {timeout:.0f} s)"
             raise RuntimeError(f"ffmpeg failed on {plan.id} with exit code {rc}{killed}: {detail}")
-        os.replace(tmp, final)
     finally:
         watchdog.cancel()
         if proc.poll() is None:
             proc.kill()
             proc.wait()
         err.close()
-        wav.unlink(missing_ok=True)
-        tmp.unlink(missing_ok=True)
 
 
 def _read_stamp(path: Path) -> str | None:
@@ -483,12 +461,6 @@ def assign_splits(class_ids: list[int], seed: int) -> list[str]:
         counts[j] += 1
         out[i] = names[j]
     return out
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _csv_text(rows: list[dict]) -> str:

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 
-if TYPE_CHECKING:
-    from data_prep.synth import SynthClass
+from data_prep.synth_classes import SynthClass
 
 COLOUR_WORDS = {
     "red": ("red", "crimson", "scarlet"),

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import io
 import logging
-import os
 from pathlib import Path
 
 import sentencepiece as spm
 from tqdm import tqdm
 
 from pipeline.dataset import PAD_ID, TOKENIZER_NAME, UNK_ID, iter_json_members, shard_paths
+from pipeline.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -68,9 +68,8 @@ def train_tokenizer(
     except RuntimeError as e:
         raise ValueError(f"{dataset}: sentencepiece training failed with vocab_size={vocab_size}: {e}") from e
     out = dataset / TOKENIZER_NAME
-    tmp = out.with_name(f".{TOKENIZER_NAME}.tmp{os.getpid()}")
-    tmp.write_bytes(model.getvalue())
-    os.replace(tmp, out)
+    with atomic_write(out, "wb") as f:
+        f.write(model.getvalue())
     size = spm.SentencePieceProcessor(model_proto=model.getvalue()).get_piece_size()
     log.info(
         "%s: vocab %d (asked %d, %s) from %d captions in %d samples / %d shards%s",

@@ -12,7 +12,6 @@ import dataclasses
 import functools
 import json
 import logging
-import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from eval import embed_files
 from eval.embed_files import COMPLETE, Embeddings, merge_parts, read_embeddings
 from pipeline.dataset import (
     DATASET_JSON,
+    PAD_ID,
     SHARDS_DIR,
     TOKENIZER_NAME,
     encode_batch,
@@ -35,6 +35,7 @@ from pipeline.dataset import (
     tokenizer_path,
 )
 from pipeline.distributed import any_rank, barrier, sum_counts
+from pipeline.files import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -142,8 +143,8 @@ def find_tokenizer(explicit: str | None, checkpoint: str, dataset: str | None) -
 
 def _word_list_tokenizer(model) -> Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]]:
     def tokenize(texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        ids = model.tokenize(texts)  # (N, L); padding is id 0
-        return ids, ids != 0
+        ids = model.tokenize(texts)  # (N, L); padding is PAD_ID
+        return ids, ids != PAD_ID
 
     return tokenize
 
@@ -155,10 +156,12 @@ def embed_texts(
     if model.tokenize is None:
         raise ValueError("this model has no text tower or no tokenizer was given (--tokenizer)")
     out = []
+    device = next(model.module.parameters()).device
     for s in range(0, len(texts), batch_size):
         ids, mask = model.tokenize(texts[s : s + batch_size])
+        text = {"text": ids[:, None].to(device), "text_mask": mask[:, None].to(device)}  # (B, 1, L)
         with torch.inference_mode():
-            z = model.module({"text": ids[:, None], "text_mask": mask[:, None]})[f"text@{space}"]  # (B, 1, D)
+            z = model.module(text)[f"text@{space}"]  # (B, 1, D)
         z = z[:, 0].float()
         out.append((F.normalize(z, dim=-1) if normalize else z).cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
@@ -238,7 +241,7 @@ def embed_dataset(
 
 def _hold(out: Path, made: dict, *, rank: int, device: str, stack: contextlib.ExitStack) -> None:
     """Rank 0 locks `out` (until `stack` closes) and claims it for `made`; every rank raises when that fails."""
-    from data_prep.build import output_lock
+    from pipeline.files import output_lock
 
     error = None
     if rank == 0:
@@ -322,9 +325,7 @@ def add_window_times(out: str | Path, dataset: str | Path, cfg) -> None:
         length = min(clip_seconds, duration) if windows else duration
         r.update(start=start, duration=duration)
         r["windows"] = [[round(start + s, 3), round(start + s + length, 3)] for s in starts]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def _embed_meta_captions(model: LoadedModel, out: Path) -> None:

@@ -26,6 +26,7 @@ directory another checkpoint or protocol made, and `check_checkpoint` refuses to
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import heapq
 import json
@@ -36,6 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from pipeline.files import atomic_path, atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -129,10 +132,8 @@ def write_part(stem: Path, rows: list[dict]) -> None:
         a = np.concatenate([r[name] for r in rows], axis=axis)
         arrays[name] = a.astype(np.float16) if a.dtype.kind == "f" else a
     arrays["meta"] = np.array(json.dumps([m for r in rows for m in r["meta"]]))
-    tmp = stem.with_name(f".{stem.name}.tmp")  # outside the rank*-*.npz pattern until complete
-    with open(tmp, "wb") as f:
+    with atomic_write(stem.with_suffix(".npz"), "wb") as f:  # a hidden name, outside rank*-*.npz until complete
         np.savez(f, **arrays)
-    os.replace(tmp, stem.with_suffix(".npz"))
 
 
 def done_idx(parts: Path) -> np.ndarray:
@@ -190,44 +191,46 @@ def merge_parts(
     cap_counts = np.concatenate(counts) if text_names else np.zeros(len(all_idx), dtype=np.int64)
     cap_start = np.concatenate([[0], np.cumsum(cap_counts[order])])  # (N+1,) output caption offsets
     outputs = {}
-    for name in names:
-        shape = list(shapes[name])
-        shape[1 if name.endswith("_logits") else 0] = int(cap_start[-1]) if name in text_names else n
-        outputs[name] = np.lib.format.open_memmap(_tmp(out, name), mode="w+", dtype=np.float16, shape=tuple(shape))
-    # Pass 2: each part's arrays straight into their output rows; its metadata, sorted by output row, to a
-    # run file (only one part's metadata is in memory at a time; the runs are merged below).
-    first = 0
-    runs = []
-    for k, (p, size) in enumerate(zip(files, sizes)):
-        rows = dest[first : first + size]  # (n_part,)
-        keep = rows >= 0
-        with np.load(p, allow_pickle=False) as z:
-            part_meta = json.loads(str(z["meta"]))
-            runs.append(out / "parts" / f"meta-{k:06d}.run")
-            with open(runs[-1], "w", encoding="utf-8") as f:
-                for row, i in sorted(zip(rows[keep].tolist(), np.flatnonzero(keep).tolist())):
-                    f.write(f"{row}\t{json.dumps({'row': row, **part_meta[i]})}\n")
-            del part_meta
-            for name in names:
-                if name not in z.files:
-                    raise ValueError(f"{p} has no {name!r} although other parts do (mixed models in one directory?)")
-                a = z[name]
-                if name in text_names:
-                    local = cap_counts[first : first + size]
-                    owner = np.repeat(np.arange(size), local)  # (c_part,) the part row of each caption
-                    rank_in_video = np.arange(len(owner)) - np.repeat(np.cumsum(local) - local, local)
-                    ok = keep[owner]
-                    outputs[name][cap_start[rows[owner[ok]]] + rank_in_video[ok]] = a[ok]
-                elif name.endswith("_logits"):
-                    outputs[name][:, rows[keep]] = a[:, keep]
-                else:
-                    outputs[name][rows[keep]] = a[keep]
-        first += size
-    for mm in outputs.values():
-        mm.flush()
-    outputs.clear()  # drop the maps before the files move into place
-    for name in names:
-        os.replace(_tmp(out, name), out / f"{name}.npy")
+    with contextlib.ExitStack() as moves:  # each output is <name>.npy only once every part is in it
+        for name in names:
+            shape = list(shapes[name])
+            shape[1 if name.endswith("_logits") else 0] = int(cap_start[-1]) if name in text_names else n
+            tmp = moves.enter_context(atomic_path(out / f"{name}.npy"))  # not *.npy: read_embeddings skips it
+            outputs[name] = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=tuple(shape))
+        # Pass 2: each part's arrays straight into their output rows; its metadata, sorted by output row, to a
+        # run file (only one part's metadata is in memory at a time; the runs are merged below).
+        first = 0
+        runs = []
+        for k, (p, size) in enumerate(zip(files, sizes)):
+            rows = dest[first : first + size]  # (n_part,)
+            keep = rows >= 0
+            with np.load(p, allow_pickle=False) as z:
+                part_meta = json.loads(str(z["meta"]))
+                runs.append(out / "parts" / f"meta-{k:06d}.run")
+                with open(runs[-1], "w", encoding="utf-8") as f:
+                    for row, i in sorted(zip(rows[keep].tolist(), np.flatnonzero(keep).tolist())):
+                        f.write(f"{row}\t{json.dumps({'row': row, **part_meta[i]})}\n")
+                del part_meta
+                for name in names:
+                    if name not in z.files:
+                        raise ValueError(
+                            f"{p} has no {name!r} although other parts do (mixed models in one directory?)"
+                        )
+                    a = z[name]
+                    if name in text_names:
+                        local = cap_counts[first : first + size]
+                        owner = np.repeat(np.arange(size), local)  # (c_part,) the part row of each caption
+                        rank_in_video = np.arange(len(owner)) - np.repeat(np.cumsum(local) - local, local)
+                        ok = keep[owner]
+                        outputs[name][cap_start[rows[owner[ok]]] + rank_in_video[ok]] = a[ok]
+                    elif name.endswith("_logits"):
+                        outputs[name][:, rows[keep]] = a[:, keep]
+                    else:
+                        outputs[name][rows[keep]] = a[keep]
+            first += size
+        for mm in outputs.values():
+            mm.flush()
+        outputs.clear()  # drop the maps before the files move into place (when the block ends)
     if text_names:
         np.save(out / "caption_video.npy", np.repeat(np.arange(n), cap_counts[order]).astype(np.int64))
     _merge_meta_runs(runs, out / "meta.jsonl")
@@ -261,9 +264,8 @@ def _merge_meta_runs(runs: list[Path], path: Path, fan_in: int = 128) -> None:
             merged.append(runs[g].with_name(f"merge{level}-{g // fan_in:06d}.run"))
             _merge_runs(runs[g : g + fan_in], merged[-1], keep_keys=True)
         runs, level = merged, level + 1
-    tmp = path.with_name(f".{path.name}.tmp")
-    _merge_runs(runs, tmp, keep_keys=False)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        _merge_runs(runs, tmp, keep_keys=False)
 
 
 def _merge_runs(runs: list[Path], target: Path, *, keep_keys: bool) -> None:
@@ -280,14 +282,8 @@ def _merge_runs(runs: list[Path], target: Path, *, keep_keys: bool) -> None:
 
 def save_array(path: Path, a: np.ndarray) -> None:
     """Write `a` as float16 `.npy` atomically (a crash never leaves a readable half-array)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
+    with atomic_write(path, "wb") as f:
         np.save(f, a.astype(np.float16))
-    os.replace(tmp, path)
-
-
-def _tmp(out: Path, name: str) -> Path:
-    return out / f".{name}.npy.tmp"  # not *.npy, so read_embeddings never sees a half-written array
 
 
 # ---- what made a directory ----------------------------------------------------------------------------------------

@@ -140,7 +140,7 @@ def _build_and_embed(
     the protocol and the build (`emb_<split>-<key>`), so another checkpoint, protocol or build never reuses them.
     `coverage` gets each split's counts and `warnings` what the numbers do not cover."""
     from eval.embed import embed_dataset, read_embeddings
-    from pipeline.dataset import DATASET_JSON
+    from pipeline.dataset import DATASET_JSON, FAILURES_JSONL
 
     splits = ("train", p.split) if p.kind == "classification" else (p.split,)
     view = {**p.clip, "eval_placement": p.placement, "eval_end_gap": p.end_gap}
@@ -170,7 +170,7 @@ def _build_and_embed(
         if counts["failed"]:
             notes.append(
                 f"{name}: {counts['failed']} of the {counts['listed']} listed videos could not be used "
-                f"({data / 'failures.jsonl'}): the numbers cover the rest"
+                f"({data / FAILURES_JSONL}): the numbers cover the rest"
             )
         if counts["skipped"]:
             why = emb[split].info.get("skipped") or {}
@@ -232,7 +232,9 @@ def _build_split(
 
 
 def _failures(data: Path) -> list[dict]:
-    path = data / "failures.jsonl"
+    from pipeline.dataset import FAILURES_JSONL
+
+    path = data / FAILURES_JSONL
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

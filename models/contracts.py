@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # the contracts import without torch: data preparation reads them (and PAD_ID) too
+    import torch
 
 
 @dataclass(frozen=True)
@@ -39,14 +41,18 @@ class AudioInput:
 
     @property
     def num_frames(self) -> int:
-        """Spectrogram frames for `seconds` of audio (centred STFT: one frame per hop, plus one)."""
+        """Spectrogram frames for `seconds` of audio (centred STFT: one frame per hop, plus one); the loader's
+        `pipeline.data_config.mel_frames` reads it."""
         hop = round(self.sample_rate * self.hop_length_ms / 1000)
         return round(self.seconds * self.sample_rate) // hop + 1
 
 
+PAD_ID = 0  # the token id of padding, for every text tower and its tokenizer (sentencepiece, the S3D word list)
+
+
 @dataclass(frozen=True)
 class TextInput:
-    """A text tower eats up to `max_tokens` token ids from a vocabulary of `vocab_size` (0 is padding)."""
+    """A text tower eats up to `max_tokens` token ids from a vocabulary of `vocab_size` (`PAD_ID` is padding)."""
 
     max_tokens: int
     vocab_size: int
@@ -58,6 +64,8 @@ def normalize_video(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, 
 
     float32 input is normalised in place. Constants go in as Python scalars, so no host-to-device copy stalls
     an accelerator's queue."""
+    import torch
+
     x = x if x.dtype == torch.float32 else x.float()
     for c, (m, s) in enumerate(zip(mean, std)):
         x.select(-4, c).mul_(1 / (255 * s)).sub_(m / s)

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from models import VARIANTS, build_encoder
 from models.contracts import AudioInput, TextInput, VideoInput
+from models.variants import VARIANTS, build_encoder
 
 
 @dataclass(frozen=True)

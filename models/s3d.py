@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.contracts import VideoInput
+from models.contracts import PAD_ID, VideoInput
 
 log = logging.getLogger(__name__)
 
@@ -220,7 +220,7 @@ def _triple(v) -> tuple[int, int, int]:
 class Word2VecText(nn.Module):
     """The release's `Sentence_Embedding`: embedding(300) -> fc1(2048) + ReLU -> max over ALL positions -> fc2(512).
 
-    Padding (token 0) is deliberately not masked, as in the release: `word_embd[0]` enters the max-pool.
+    Padding (token `PAD_ID`, row 0) is deliberately not masked, as in the release: `word_embd[0]` enters the max-pool.
     `tokenize` reproduces the release's word splitting and lookup.
     """
 
@@ -239,8 +239,8 @@ class Word2VecText(nn.Module):
         self.lowercase = lowercase
 
     def tokenize(self, sentences: list[str]) -> Tensor:
-        """Ids `(N, max_words)`: regex words, unknown words dropped, id = word-list index + 1, zero-padded."""
-        out = torch.zeros(len(sentences), self.max_words, dtype=torch.long)
+        """Ids `(N, max_words)`: regex words, unknown words dropped, id = word-list index + 1, padded with `PAD_ID`."""
+        out = torch.full((len(sentences), self.max_words), PAD_ID, dtype=torch.long)
         for i, sentence in enumerate(sentences):
             text = str(sentence).lower() if self.lowercase else str(sentence)
             ids = [self.word_to_token[w] for w in re.findall(r"[\w']+", text) if w in self.word_to_token]

@@ -1,4 +1,4 @@
-"""Text towers on sentencepiece ids `(N, L)` with a bool mask `(N, L)` (True = real token; id 0 is padding).
+"""Text towers on sentencepiece ids `(N, L)` with a bool mask `(N, L)` (True = real token; `PAD_ID` is padding).
 
 - `MilNCEText`: embedding -> Linear(2048) + ReLU -> max over the real tokens -> optional Linear (MIL-NCE's fc2).
   Unlike the released word2vec tower (models/s3d.py `Word2VecText`), padding is masked: a padded position
@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from models.contracts import PAD_ID
 
 
 class MilNCEText(nn.Module):
@@ -29,7 +31,7 @@ class MilNCEText(nn.Module):
     ):
         super().__init__()
         if vocab_size < 2:
-            raise ValueError(f"text vocab_size must be >= 2 (0 is padding), got {vocab_size}")
+            raise ValueError(f"text vocab_size must be >= 2 ({PAD_ID} is padding), got {vocab_size}")
         self.word_embd = nn.Embedding(vocab_size, word_dim)
         self.word_embd.weight.requires_grad_(not freeze_embeddings)
         self.fc1 = nn.Linear(word_dim, hidden)
@@ -67,7 +69,7 @@ class TransformerText(nn.Module):
     ):
         super().__init__()
         if vocab_size < 2:
-            raise ValueError(f"text vocab_size must be >= 2 (0 is padding), got {vocab_size}")
+            raise ValueError(f"text vocab_size must be >= 2 ({PAD_ID} is padding), got {vocab_size}")
         self.word_embd = nn.Embedding(vocab_size, d_model)
         self.word_embd.weight.requires_grad_(not freeze_embeddings)
         self.pos_embd = nn.Parameter(torch.zeros(max_tokens, d_model))

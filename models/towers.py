@@ -1,6 +1,7 @@
 """The multi-tower model: video / audio / text encoders, projections into named shared spaces, self-label heads.
 
-`MultiTower.forward(batch) -> dict` eats DESIGN.md's batch dict and returns DESIGN.md's model dict:
+`MultiTower.forward(batch) -> dict` eats DESIGN.md's batch dict (on the model's device: the loader hands it over
+there) and returns DESIGN.md's model dict:
 `"<m>/feat"` (backbone vectors), `"<m>@<space>"` (embeddings), `"video/logits"` / `"audio/logits"` (H, B, K).
 Views (video/audio) and captions (text) keep their axis: `(B, V, D)` / `(B, K, D)`. Any tower may be absent; a
 missing input gives missing outputs. The model never calls backward and never moves itself between devices.
@@ -25,9 +26,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from models import VARIANTS, build_encoder, variant_contract
-from models.contracts import AudioInput, TextInput, VideoInput, normalize_video
+from models.contracts import PAD_ID, AudioInput, TextInput, VideoInput, normalize_video
 from models.heads import SelfLabelHeads, make_projection
+from models.variants import VARIANTS, build_encoder, variant_contract
 
 log = logging.getLogger(__name__)
 
@@ -178,13 +179,12 @@ class MultiTower(nn.Module):
         return {m: enc.input_contract for m, enc in self.encoders.items()}
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        device = next(self.parameters()).device
         feats: dict[str, Tensor] = {}  # modality -> (N, F), N = B*V or B*K
         lead: dict[str, tuple[int, int]] = {}  # modality -> (B, V or K)
         if "video" in batch and "video" in self.encoders:
-            video = batch["video"]  # (B, V, C, T, H, W): uint8 pixels, or float already normalised
+            video = batch["video"]  # (B, V, 3, T, S, S) at the model's size: uint8 pixels, or float normalised
             lead["video"] = tuple(video.shape[:2])
-            x = video.to(device, non_blocking=True).flatten(0, 1)  # (B*V, C, T, H, W)
+            x = video.flatten(0, 1)  # (B*V, C, T, H, W)
             if x.dtype == torch.uint8:
                 contract = self.encoders["video"].input_contract
                 x = normalize_video(x, contract.mean, contract.std)
@@ -192,15 +192,13 @@ class MultiTower(nn.Module):
         if "audio" in batch and "audio" in self.encoders:
             audio = batch["audio"]  # (B, V, 1, F, Ta)
             lead["audio"] = tuple(audio.shape[:2])
-            feats["audio"] = self.encoders["audio"].forward_features(audio.to(device).flatten(0, 1).float())
+            feats["audio"] = self.encoders["audio"].forward_features(audio.flatten(0, 1).float())
         if "text" in batch and "text" in self.encoders:
             ids = batch["text"]  # (B, K, L)
             mask = batch.get("text_mask")
-            mask = ids != 0 if mask is None else mask
+            mask = ids != PAD_ID if mask is None else mask
             lead["text"] = tuple(ids.shape[:2])
-            feats["text"] = self.encoders["text"].forward_features(
-                ids.to(device).flatten(0, 1), mask.to(device).flatten(0, 1)
-            )
+            feats["text"] = self.encoders["text"].forward_features(ids.flatten(0, 1), mask.flatten(0, 1))
 
         out = {f"{m}/feat": f.view(*lead[m], -1) for m, f in feats.items()}
         raw: dict[tuple[str, str], Tensor] = {}  # (space, modality) -> un-normalised (N, D), read by FAC spaces

@@ -2,12 +2,13 @@
 
 Workers decode and cut, nothing more: for every training view they draw a crop box (random resized crop), a
 flip and colour-jitter factors (video), a gain and SpecAugment masks (audio) from the sample's seeded numpy
-generator, and hand over the uint8 pixels of the box plus the parameters (`video_aug (B, V, 6)`,
-`audio_aug (B, V, 5)`). `augment_batch` then does the float work for the whole batch on whatever device the
-batch is on: crop-and-resize each box to the model's size (uint8 on the CPU, float elsewhere), flip, jitter,
-normalise with the model's mean/std, and the audio gain and masks. Because the parameters travel with the
-batch, the result does not depend on where the step runs (in the training process after the copy, or at the
-end of a worker's batch) nor on which worker drew them.
+generator, and hand over the uint8 pixels of the box plus the parameters: the raw batch's `video_box` (RGB, or
+luma with `video_uv` chroma), `video_aug (B, V, 8)` (columns `VIDEO_PARAMS`) and `audio_aug (B, V, 5)`
+(`AUDIO_PARAMS`). `augment_batch` then does the float work for the whole batch on whatever device the batch is
+on and writes the model's input `video`: crop-and-resize each box to the model's size (uint8 on the CPU, float
+elsewhere), convert YUV to RGB, flip, jitter, normalise with the model's mean/std, and the audio gain and masks.
+Because the parameters travel with the batch, the result does not depend on where the step runs (in the
+training process after the copy, or at the end of a worker's batch) nor on which worker drew them.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 
 from models.contracts import normalize_video
 from pipeline.audio import LOG_EPS
-from pipeline.video import center_box, upsample_chroma, yuv420_to_rgb
+from pipeline.video import center_box, chroma_box, upsample_chroma, yuv420_to_rgb
 
 if TYPE_CHECKING:
     from pipeline.data_config import AugmentConfig, DataConfig
@@ -29,6 +30,9 @@ if TYPE_CHECKING:
 # chroma_top/left: the box starts on a chroma sample's second row/column (odd top/left; YUV batches only).
 VIDEO_PARAMS = ("height", "width", "flip", "brightness", "contrast", "saturation", "chroma_top", "chroma_left")
 AUDIO_PARAMS = ("gain", "freq_start", "freq_width", "time_start", "time_width")
+VIDEO_COLUMN = {name: i for i, name in enumerate(VIDEO_PARAMS)}  # the column of each video parameter
+AUDIO_COLUMN = {name: i for i, name in enumerate(AUDIO_PARAMS)}
+JITTER = slice(VIDEO_COLUMN["brightness"], VIDEO_COLUMN["saturation"] + 1)  # the colour-jitter factors
 GREY = (0.299, 0.587, 0.114)  # ITU-R 601 luma weights, as torchvision's rgb_to_grayscale
 SPEC_FREQ_WIDTH, SPEC_TIME_WIDTH = 3, 6  # GDT's "medium" SpecAugment: one mask each, width below these
 
@@ -70,34 +74,47 @@ def draw_video_view(
     """
     if rng is None or not aug.enabled:
         box = center_square(height, width)
-        return box, np.array([box[2], box[3], 0, 1, 1, 1, box[0] % 2, box[1] % 2], dtype=np.float32)
+        return box, video_params(box)
     box = draw_box(height, width, rng, aug.crop_scale)
     flip = aug.flip and rng.random() < 0.5
     s = aug.color_jitter
     factors = rng.uniform(1 - s, 1 + s, size=3) if s > 0 else np.ones(3)
-    return box, np.array([box[2], box[3], flip, *factors, box[0] % 2, box[1] % 2], dtype=np.float32)
+    return box, video_params(box, flip, factors)
+
+
+def video_params(box: tuple[int, int, int, int], flip: bool = False, factors=(1.0, 1.0, 1.0)) -> np.ndarray:
+    """The `VIDEO_PARAMS` row of one view: its box `(top, left, h, w)`, flip and jitter factors."""
+    top, left, h, w = box
+    row = np.zeros(len(VIDEO_PARAMS), dtype=np.float32)
+    row[[VIDEO_COLUMN["height"], VIDEO_COLUMN["width"], VIDEO_COLUMN["flip"]]] = h, w, flip
+    row[JITTER] = factors
+    row[[VIDEO_COLUMN["chroma_top"], VIDEO_COLUMN["chroma_left"]]] = top % 2, left % 2
+    return row
 
 
 def draw_audio_view(mel_bins: int, frames: int, aug: AugmentConfig, rng: np.random.Generator | None) -> np.ndarray:
     """One audio view's `AUDIO_PARAMS` row: a gain in [1 - v, 1 + v] and one frequency and one time mask
     (widths below 3 bins and 6 frames, GDT's "medium" SpecAugment); identity without `rng`."""
-    row = np.array([1, 0, 0, 0, 0], dtype=np.float32)
+    col = AUDIO_COLUMN
+    row = np.zeros(len(AUDIO_PARAMS), dtype=np.float32)
+    row[col["gain"]] = 1
     if rng is None or not aug.enabled:
         return row
     if aug.volume_jitter > 0:
-        row[0] = rng.uniform(1 - aug.volume_jitter, 1 + aug.volume_jitter)
+        row[col["gain"]] = rng.uniform(1 - aug.volume_jitter, 1 + aug.volume_jitter)
     if aug.spec_augment:
         fw = int(rng.integers(0, SPEC_FREQ_WIDTH))
-        row[1:3] = int(rng.integers(0, max(mel_bins - fw, 0) + 1)), fw
+        row[[col["freq_start"], col["freq_width"]]] = int(rng.integers(0, max(mel_bins - fw, 0) + 1)), fw
         tw = int(rng.integers(0, SPEC_TIME_WIDTH))
-        row[3:5] = int(rng.integers(0, max(frames - tw, 0) + 1)), tw
+        row[[col["time_start"], col["time_width"]]] = int(rng.integers(0, max(frames - tw, 0) + 1)), tw
     return row
 
 
 def mirror_audio_view(row: np.ndarray, frames: int) -> np.ndarray:
     """The parameters that augment a time-reversed spectrogram exactly as `row` augments the forward one."""
     out = row.copy()
-    out[3] = frames - row[3] - row[4]
+    start, width = AUDIO_COLUMN["time_start"], AUDIO_COLUMN["time_width"]
+    out[start] = frames - row[start] - row[width]
     return out
 
 
@@ -105,15 +122,17 @@ def mirror_audio_view(row: np.ndarray, frames: int) -> np.ndarray:
 
 
 def augment_batch(batch: dict, cfg: DataConfig) -> dict:
-    """Apply the drawn parameters to a whole batch on its device: `video` uint8 boxes (RGB, or luma with
-    `video_uv` chroma) -> float RGB `(B, V, C, T, S, S)` normalised with the model's mean/std, `audio` -> gain and
-    masks applied.
+    """Turn a raw training batch into the model's input on its device: `video_box` uint8 boxes (RGB, or luma with
+    `video_uv` chroma) and `video_aug` -> `video`, float RGB `(B, V, 3, T, S, S)` normalised with the model's
+    mean/std; `audio` -> gain and masks of `audio_aug` applied. The raw keys are consumed.
 
-    A batch without parameters (eval views, or already augmented) is returned unchanged.
+    A batch without raw keys (eval views, or already augmented) is returned unchanged.
     """
-    if "video_aug" in batch:
+    if "video_box" in batch:
         chroma = batch.pop("video_uv", None)
-        batch["video"] = augment_video(batch["video"], batch.pop("video_aug"), cfg.size, cfg.mean, cfg.std, chroma)
+        batch["video"] = augment_video(
+            batch.pop("video_box"), batch.pop("video_aug"), cfg.size, cfg.mean, cfg.std, chroma
+        )
     if "audio_aug" in batch:
         batch["audio"] = augment_audio(batch["audio"], batch.pop("audio_aug"))
     return batch
@@ -139,25 +158,26 @@ def augment_video(
     """
     uint8_resize = video.device.type == "cpu" if uint8_resize is None else uint8_resize
     b, v, _, t = video.shape[:4]
-    rows = params.reshape(-1, len(VIDEO_PARAMS)).tolist()
+    col = VIDEO_COLUMN
     out = torch.empty(b * v, 3, t, size, size, dtype=torch.float32, device=video.device)
-    for n, (h, w, flip, *_, odd_top, odd_left) in enumerate(rows):
-        h, w = int(h), int(w)
+    for n, row in enumerate(params.reshape(-1, len(VIDEO_PARAMS)).tolist()):
+        h, w = int(row[col["height"]]), int(row[col["width"]])
         if chroma is None:
             box = video[n // v, n % v, :, :, :h, :w].permute(1, 0, 2, 3)  # (T, C, h, w)
         else:
-            ch, cw = (int(odd_top) + h + 1) // 2, (int(odd_left) + w + 1) // 2
+            odd_top, odd_left = int(row[col["chroma_top"]]), int(row[col["chroma_left"]])
+            _, _, ch, cw = chroma_box(odd_top, odd_left, h, w)
             uv = chroma[n // v, n % v, :, :, :ch, :cw].transpose(0, 1)  # (T, 2, ch, cw)
-            box = upsample_chroma(video[n // v, n % v, 0, :, :h, :w], uv, int(odd_top), int(odd_left))  # (T, 3, h, w)
+            box = upsample_chroma(video[n // v, n % v, 0, :, :h, :w], uv, odd_top, odd_left)  # (T, 3, h, w)
         frames = _resize(box, size, uint8_resize)  # (T, C, S, S) float
         if chroma is not None:
             frames = yuv420_to_rgb(frames, dim=1).clamp_(0, 255)  # per view: small temporaries, cache-warm
         frames = frames.transpose(0, 1)  # (C, T, S, S)
-        out[n] = frames.flip(-1) if flip else frames
-    if bool((params[..., 3:6] == 1).all()):
+        out[n] = frames.flip(-1) if row[col["flip"]] else frames
+    if bool((params[..., JITTER] == 1).all()):
         out.clamp_(0, 255)  # a float resize may overshoot a little
     else:
-        factors = params.to(video.device, non_blocking=True).reshape(-1, len(VIDEO_PARAMS))[:, 3:6]  # (N, 3)
+        factors = params.to(video.device, non_blocking=True).reshape(-1, len(VIDEO_PARAMS))[:, JITTER]  # (N, 3)
         _color_jitter_(out, factors)
     return normalize_video(out, mean, std).unflatten(0, (b, v))
 
@@ -196,10 +216,10 @@ def augment_audio(spec: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
     log-mel of the scaled waveform. Masked bins are set to 0, as GDT does.
     """
     p = params.to(spec.device, non_blocking=True).reshape(*spec.shape[:2], 1, 1, 1, len(AUDIO_PARAMS))
-    gain = p[..., 0]  # (B, V, 1, 1, 1)
-    if not bool((params[..., 0] == 1).all()):
+    gain, fs, fw, ts, tw = (p[..., AUDIO_COLUMN[name]] for name in AUDIO_PARAMS)  # each (B, V, 1, 1, 1)
+    if not bool((params[..., AUDIO_COLUMN["gain"]] == 1).all()):
         spec = torch.log((spec.exp() - LOG_EPS).clamp_min_(0).mul_(gain.square()).add_(LOG_EPS))
     f = torch.arange(spec.shape[-2], device=spec.device).view(-1, 1)  # (F, 1)
     t = torch.arange(spec.shape[-1], device=spec.device)  # (Ta,)
-    masked = ((f >= p[..., 1]) & (f < p[..., 1] + p[..., 2])) | ((t >= p[..., 3]) & (t < p[..., 3] + p[..., 4]))
+    masked = ((f >= fs) & (f < fs + fw)) | ((t >= ts) & (t < ts + tw))
     return spec.masked_fill(masked, 0.0)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import pickle
 import platform
 import shutil
@@ -32,6 +31,7 @@ import torch
 from pipeline.config import load_yaml
 from pipeline.dataset import TOKENIZER_NAME, tokenizer_path
 from pipeline.distributed import barrier
+from pipeline.files import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -232,8 +232,8 @@ def save_checkpoint(
     barrier()
     if rank == 0:
         meta = {"step": step, "world_size": world_size, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        _write_atomic(ckpt_dir / tag / META, json.dumps(meta) + "\n")
-        _write_atomic(ckpt_dir / LATEST, tag + "\n")
+        write_text_atomic(ckpt_dir / tag / META, json.dumps(meta) + "\n", fsync=True)
+        write_text_atomic(ckpt_dir / LATEST, tag + "\n", fsync=True)
         _prune(ckpt_dir, keep=keep, current=tag)
     barrier()
     return tag
@@ -285,15 +285,6 @@ def _prune(ckpt_dir: Path, *, keep: int, current: str) -> None:
     for t in sorted(doomed - {current}):
         shutil.rmtree(ckpt_dir / t, ignore_errors=True)
         log.debug("removed old checkpoint %s", t)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def export_run(run_dir: str | Path, *, tag: str | None = None, out_dir: str | Path | None = None) -> Path:

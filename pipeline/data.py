@@ -1,8 +1,10 @@
 """Streaming loaders: WebDataset shards -> checked samples -> views -> batches, as a visible list of stages.
 
 `make_train_loader(cfg, rank=, world_size=, seed=, device=)` and `make_eval_loader(cfg, rank=, world_size=)`
-return a `Loader`: iterable over batch dicts (DESIGN.md "Batches"), with `to_device` (the copy and the batched
-augmentation step, `pipeline.augment`), `num_batches`, `skipped`, `set_epoch`, `state_dict` / `load_state_dict`.
+return a `Loader`: iterable over the model's input batches on its device (DESIGN.md "Batches": the copy and the
+batched augmentation step, `pipeline.augment`, run as each batch is handed out), with `num_batches`, `skipped`,
+`set_epoch`, `state_dict` / `load_state_dict`. `raw=True` hands out the transport batches instead (`video_box`,
+`video_uv`, `video_aug`, `audio_aug`: the loader bench and tests), which `to_device` turns into the model's input.
 Two modes:
 - resampled (training default): each (rank, worker) draws shards with replacement, weighted by dataset, from
   an RNG seeded by (seed, epoch, resume point, rank, worker), and yields a fixed number of full batches, so
@@ -28,6 +30,7 @@ import webdataset as wds
 
 from pipeline import batch_memory
 from pipeline.augment import augment_batch
+from pipeline.batch_memory import VideoBuffers, unpack_tensors
 from pipeline.data_config import DataConfig, DatasetSource, check_resolved
 from pipeline.dataset import DATASET_JSON, SHARDS_DIR, iter_json_members, read_dataset_json, tokenizer_path
 from pipeline.stages import (
@@ -42,10 +45,8 @@ from pipeline.stages import (
     SkipCounter,
     SplitByRank,
     TarSamples,
-    VideoBuffers,
     exact_shard_order,
     split_by_worker,
-    unpack_tensors,
 )
 
 log = logging.getLogger(__name__)
@@ -61,23 +62,34 @@ class Shard:
 
 
 def make_train_loader(
-    data_cfg: DataConfig, *, rank: int, world_size: int, seed: int, device: str | torch.device = "cpu"
+    data_cfg: DataConfig,
+    *,
+    rank: int,
+    world_size: int,
+    seed: int,
+    device: str | torch.device = "cpu",
+    raw: bool = False,
 ) -> Loader:
     """The training loader of this rank (mode and views from `data_cfg`) for a model on `device`.
 
-    Batches leave it with uint8 crop boxes and augmentation parameters; `Loader.to_device` copies them to
-    `device` and runs the batched augmentation there, unless `augment.where` put it in the workers.
+    Its batches are the model's input on `device`: workers hand over uint8 crop boxes and the parameters they
+    drew, and the loader copies each batch to `device` once and runs the batched augmentation there (or the
+    workers already ran it: `augment.where`). `raw=True` yields the workers' batches as they come (see
+    `Loader.to_device`).
     """
-    return _make_loader(data_cfg, rank=rank, world_size=world_size, seed=seed, train=True, device=device)
+    return _make_loader(data_cfg, rank=rank, world_size=world_size, seed=seed, train=True, device=device, raw=raw)
 
 
-def make_eval_loader(data_cfg: DataConfig, *, rank: int = 0, world_size: int = 1) -> Loader:
-    """A deterministic exact-epoch loader with eval views (N windows, centre crop, all captions).
+def make_eval_loader(
+    data_cfg: DataConfig, *, rank: int = 0, world_size: int = 1, device: str | torch.device = "cpu"
+) -> Loader:
+    """A deterministic exact-epoch loader with eval views (N windows, centre crop, all captions) on `device`.
 
-    Its batches hold uint8 clips at the model's size: the model normalises them itself, no augmentation step.
+    Its batches hold uint8 clips at the model's size (the model normalises pixels itself): the model's input as
+    they leave the workers, with every caption flat (`captions`, `caption_count`) for the text tower.
     """
     cfg = dataclasses.replace(data_cfg, views="eval", mode="exact", shuffle_buffer=0, epoch_samples=None)
-    return _make_loader(cfg, rank=rank, world_size=world_size, seed=0, train=False, device="cpu")
+    return _make_loader(cfg, rank=rank, world_size=world_size, seed=0, train=False, device=device, raw=False)
 
 
 def augment_in_workers(cfg: DataConfig, device: str | torch.device) -> bool:
@@ -86,7 +98,7 @@ def augment_in_workers(cfg: DataConfig, device: str | torch.device) -> bool:
     return where == "workers" or (where == "auto" and torch.device(device).type == "cpu")
 
 
-def _make_loader(cfg: DataConfig, *, rank: int, world_size: int, seed: int, train: bool, device) -> Loader:
+def _make_loader(cfg: DataConfig, *, rank: int, world_size: int, seed: int, train: bool, device, raw: bool) -> Loader:
     if not 0 <= rank < world_size:
         raise ValueError(f"rank={rank} is not in [0, world_size={world_size})")
     check_resolved(cfg)
@@ -130,7 +142,7 @@ def _make_loader(cfg: DataConfig, *, rank: int, world_size: int, seed: int, trai
         num_batches if isinstance(num_batches, int) else num_batches(state.epoch),
         cfg.batch_size,
     )
-    return Loader(wds.DataPipeline(*stages), cfg, state, num_batches, torch.device(device), buffers)
+    return Loader(wds.DataPipeline(*stages), cfg, state, num_batches, torch.device(device), buffers, raw)
 
 
 class Loader:
@@ -138,12 +150,15 @@ class Loader:
 
     Iterating runs the rest of the current epoch, then advances `epoch`. Skipped samples travel from the
     workers inside batches (`_skipped`, a dict of deltas, removed before the batch is yielded) and add up
-    in `skipped`. `to_device(batch)` turns a batch into the model's input on the loader's device.
+    in `skipped`. Each batch is handed out as the model's input on the loader's device (`to_device`), or as the
+    workers made it when the loader is `raw`.
     """
 
-    def __init__(self, dataset: wds.DataPipeline, cfg: DataConfig, state: EpochState, num_batches, device, buffers):
+    def __init__(
+        self, dataset: wds.DataPipeline, cfg: DataConfig, state: EpochState, num_batches, device, buffers, raw: bool
+    ):
         self.dataset, self.cfg, self.state, self._num_batches = dataset, cfg, state, num_batches
-        self.device, self.buffers = device, buffers
+        self.device, self.buffers, self.raw = device, buffers, raw
         self.skipped: dict[str, int] = {}
         self.samples_seen = 0
         self._stream = None
@@ -202,7 +217,7 @@ class Loader:
                 continue
             s.batches_seen += 1
             self.samples_seen += len(batch["idx"])
-            yield batch
+            yield batch if self.raw else self.to_device(batch)
         if self.skipped:
             log.info("epoch %d: skipped samples by reason: %s", s.epoch, self.skipped)
         s.epoch, s.batches_seen = s.epoch + 1, 0
@@ -245,8 +260,10 @@ class Loader:
             yield batch  # the consumer counts it (an item with only `_skipped` is not a batch)
 
     def to_device(self, batch: dict) -> dict:
-        """Copy the batch's tensors to the loader's device (asynchronously from pinned memory on an accelerator)
-        and apply the batched augmentation there, unless the workers already did; `meta` stays a list."""
+        """A raw batch as the model's input: its tensors copied to the loader's device once (asynchronously from
+        pinned memory on an accelerator), the batched augmentation applied there unless the workers already did
+        (it writes `video` from `video_box`), the worker's buffer released; `meta` stays a list. The loader calls
+        it on every batch it hands out unless it is `raw`."""
         moved = {
             k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) and not k.endswith("_aug") else v
             for k, v in batch.items()
@@ -257,7 +274,8 @@ class Loader:
         return out
 
     def release(self, batch: dict) -> None:
-        """Done with this raw batch: its video buffer may be written again (`to_device` calls it)."""
+        """Done with this raw batch: its video buffer may be written again (`to_device` calls it; a consumer of raw
+        batches that does not call `to_device` calls it)."""
         if self.buffers is not None:
             self.buffers.release(batch.get("_buffer"))
 

@@ -183,6 +183,6 @@ def check_resolved(cfg: DataConfig) -> None:
 
 
 def mel_frames(cfg: DataConfig) -> int:
-    """Spectrogram frames of one audio window (centred STFT: one per hop, plus one)."""
+    """Spectrogram frames of one audio window of the resolved `cfg.audio` (`AudioInput.num_frames`)."""
     ac = cfg.audio
-    return round(ac.seconds * ac.sample_rate) // round(ac.sample_rate * ac.hop_ms / 1000) + 1
+    return AudioInput(ac.sample_rate, ac.num_mel_bins, ac.seconds, ac.win_ms, ac.hop_ms).num_frames

@@ -1,10 +1,12 @@
-"""The dataset on disk as every part of vatp reads it (DESIGN.md, "Dataset on disk"): one home for the format.
+"""The dataset on disk as every part of vatp reads and writes it (DESIGN.md, "Dataset on disk"): one home for the
+format.
 
-`dataset.json` and its shard list, the tar member extensions a reader may touch, sample keys, one tar member
-reader (no Python `tarfile`, nothing unpickled), the tokenizer's file name and where a run finds it, and the
-tokenizer's pad id. The loader, embedding, the report, `vatp data inspect`, the shard writer and tokenizer
-training all go through this module; it imports nothing else of vatp, so `data_prep/` can use it without the
-rest of `pipeline/`.
+`dataset.json` (its builder, its reader and its shard list), the file names beside it (`stats/`, `failures.jsonl`,
+`plan.json`, the tokenizer), the fields of a sample's json, the tar member extensions a reader may touch, sample
+keys, one tar member reader (no Python `tarfile`, nothing unpickled), where a run finds its tokenizer, and
+encoding with it. The loader, embedding, the report, `vatp data build` and `inspect`, the shard writer and
+tokenizer training all go through this module. Of vatp it imports only `models.contracts` (the tokenizer's pad id
+is the text towers' input contract), so `data_prep/` can use it without the rest of `pipeline/`.
 """
 
 from __future__ import annotations
@@ -14,8 +16,11 @@ import json
 import logging
 import os
 from collections.abc import Callable, Iterator
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import BinaryIO
+
+from models.contracts import PAD_ID
 
 log = logging.getLogger(__name__)
 
@@ -23,8 +28,29 @@ FORMAT_NAME = "vatp-shards"
 FORMAT_VERSION = 1
 DATASET_JSON = "dataset.json"
 SHARDS_DIR = "shards"
+STATS_DIR = "stats"  # one `stats_name(shard)` per finished shard: its presence marks the shard done
+FAILURES_JSONL = "failures.jsonl"  # one line per input skipped (or kept despite a problem, `"kept": true`)
+PLAN_JSON = "plan.json"  # the build's probes and options, so resumes and job-array parts plan alike
 TOKENIZER_NAME = "tokenizer.model"
-PAD_ID, UNK_ID = 0, 1  # the tokenizer's ids for padding and unknown pieces
+UNK_ID = 1  # the tokenizer's id for unknown pieces; padding is `PAD_ID`, the text towers' contract
+
+# The fields of every sample's `<key>.json` and the types they may hold (`vatp data inspect` checks them).
+SAMPLE_FIELDS = {
+    "id": str,
+    "idx": int,
+    "source": str,
+    "start": (int, float),
+    "duration": (int, float),
+    "fps": (int, float),
+    "num_frames": int,
+    "width": int,
+    "height": int,
+    "has_audio": bool,
+    "sample_rate": (int, type(None)),
+    "captions": list,
+    "label": (str, type(None)),
+    "split": (str, type(None)),
+}
 
 VIDEO_MEMBER = "mp4"
 AUDIO_MEMBERS = ("flac", "wav")
@@ -35,6 +61,11 @@ MEMBERS = (VIDEO_MEMBER, *AUDIO_MEMBERS, JSON_MEMBER)  # the only extensions any
 def shard_name(index: int) -> str:
     """`000042.tar` for shard 42."""
     return f"{index:06d}.tar"
+
+
+def stats_name(index: int) -> str:
+    """`000042.json`, the statistics file of shard 42 in `stats/`."""
+    return f"{index:06d}.json"
 
 
 def sample_key(idx: int) -> str:
@@ -51,6 +82,23 @@ def split_member(name: str) -> tuple[str, str] | None:
         return None
     ext = name[dot + 1 :].lower()
     return (name[:dot], ext) if ext in MEMBERS else None
+
+
+def dataset_json(shards: list[dict], *, video: dict, audio: dict, prep: dict) -> dict:
+    """The `dataset.json` mapping of a finished build: `shards` (`{"name", "samples", "seconds"}` each, in order),
+    their total samples and seconds, the `video` and `audio` settings, the resolved `prep` options, and the time
+    (UTC) it was made."""
+    return {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "shards": shards,
+        "samples": sum(s["samples"] for s in shards),
+        "seconds": round(sum(s["seconds"] for s in shards), 6),
+        "video": video,
+        "audio": audio,
+        "prep": prep,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
 
 
 def read_dataset_json(dataset_dir: str | os.PathLike) -> dict:
@@ -261,7 +309,7 @@ def tokenizer_path(datasets: list[str], explicit: str | os.PathLike | None = Non
 
 
 def load_tokenizer(path: str | os.PathLike):
-    """Load a `tokenizer.model` (or the one inside a dataset directory); it must use pad id 0."""
+    """Load a `tokenizer.model` (or the one inside a dataset directory); it must use pad id `PAD_ID`."""
     import sentencepiece as spm
 
     path = Path(path)

@@ -1,5 +1,6 @@
 """The loader's stages: shard sources, rank/worker split, shuffling, sample checks, skip counting, views,
-batching, and the stream that carries workers across epochs.
+batching, and the stream that carries workers across epochs (the batch's memory, collation included, is
+`pipeline/batch_memory.py`).
 
 Module-level classes so the pipeline pickles under any DataLoader worker start method; `pipeline/data.py`
 assembles them into a `wds.DataPipeline`.
@@ -17,15 +18,12 @@ import numpy as np
 import torch
 
 from pipeline.augment import augment_batch
+from pipeline.batch_memory import VideoBuffers, collate_rows, pack_tensors, worker_info
 from pipeline.data_config import DataConfig
 from pipeline.dataset import iter_samples, load_tokenizer
-from pipeline.video import VideoWindow
 from pipeline.views import SampleRejected, captions, sample_views
 
 log = logging.getLogger(__name__)
-
-VIDEO_KEYS = ("video", "video_uv")  # the pooled video buffer's tensors
-SCALARS = {"idx": torch.int64, "label": torch.int64, "has_audio": torch.bool}  # row values collated as (B,)
 
 
 @dataclass
@@ -41,13 +39,8 @@ class EpochState:
     num_batches: int = 0
 
 
-def _worker_info() -> tuple[int, int]:
-    info = torch.utils.data.get_worker_info()
-    return (info.id, info.num_workers) if info is not None else (0, 1)
-
-
 def _rng(state: EpochState, *extra: int) -> np.random.Generator:
-    worker, _ = _worker_info()
+    worker, _ = worker_info()
     return np.random.default_rng([state.seed, state.epoch, state.resume_at, state.rank, worker, *extra])
 
 
@@ -120,7 +113,7 @@ class SplitByRank:
 
 def split_by_worker(src):
     """Keep every num_workers-th shard starting at this DataLoader worker."""
-    worker, num_workers = _worker_info()
+    worker, num_workers = worker_info()
     yield from islice(src, worker, None, num_workers)
 
 
@@ -276,7 +269,7 @@ class BatchSamples:
         return pack_tensors(batch) if torch.utils.data.get_worker_info() is not None else batch
 
     def __call__(self, src):
-        worker, num_workers = _worker_info()
+        worker, num_workers = worker_info()
         left = self.state.num_batches - self.state.resume_at
         limit = left // num_workers + (worker < left % num_workers) if self.full_only else None
         rows: list[dict] = []
@@ -294,166 +287,6 @@ class BatchSamples:
         pending = self.skips.take()
         if pending:
             yield {"_skipped": pending}
-
-
-def collate_rows(rows: list[dict], skipped: dict[str, int], buffers: VideoBuffers | None = None) -> dict:
-    """Stack rows into a batch; caption rows (`text`, `text_mask`) are padded to the longest K in the batch, eval
-    captions (`captions`, `captions_mask`) are concatenated `(sum K, L)` with `caption_count (B,)`, so one
-    sample with thousands of subtitle cues does not pad every other row to as many.
-
-    `video` windows are copied once into a uint8 `(B, V, T, H, W, 3)` buffer (each at the top-left of its slot,
-    the slot as large as the batch's largest window, the rest zero) and handed over as the `(B, V, C, T, H, W)`
-    view of it: channels last in memory, as decoders produce frames. YUV windows give luma `video`
-    `(B, V, 1, T, H, W)` and chroma `video_uv` `(B, V, 2, T, H/2 + 1, W/2 + 1)` (the rows and columns covering
-    each box) in one buffer instead. The buffer comes from `buffers` when given
-    (the batch then carries its `_buffer` tag), else it is allocated, in shared memory inside a DataLoader
-    worker, so passing it to the main process copies nothing.
-    """
-    batch: dict = {}
-    for key in rows[0]:
-        values = [r[key] for r in rows]
-        if key == "meta":
-            batch[key] = values
-        elif key == "video":
-            batch[key], chroma, tag = _collate_windows(values, buffers)
-            if chroma is not None:
-                batch["video_uv"] = chroma
-            if tag is not None:
-                batch["_buffer"] = tag
-        elif key in SCALARS:
-            batch[key] = torch.tensor(values, dtype=SCALARS[key])
-        elif key in ("text", "text_mask"):
-            k = max(v.shape[0] for v in values)
-            batch[key] = torch.stack([torch.cat([v, v.new_zeros(k - v.shape[0], *v.shape[1:])]) for v in values])
-        elif key in ("captions", "captions_mask"):  # eval: every caption of every sample, one after the other
-            batch[key] = torch.cat(values)
-            batch["caption_count"] = torch.tensor([len(v) for v in values], dtype=torch.int64)
-        else:
-            batch[key] = torch.stack(values)
-    if skipped:
-        batch["_skipped"] = skipped
-    return batch
-
-
-def _collate_windows(
-    rows: list[list[VideoWindow]], buffers: VideoBuffers | None
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """The batch's video `(B, V, C, T, H, W)` (RGB, channels last in memory; or luma with C = 1), its chroma
-    `(B, V, 2, T, Hc, Wc)` for YUV windows (else None), and the pooled buffer's tag."""
-    first = rows[0][0]
-    frames, device, yuv = first.clip.num_frames, first.clip.frames.device, first.clip.chroma is not None
-    height = max(w.height for row in rows for w in row)
-    width = max(w.width for row in rows for w in row)
-    b, v = len(rows), len(rows[0])
-    shape = (b, v, frames, height, width) if yuv else (b, v, frames, height, width, 3)
-    chroma_shape = (b, v, frames, 2, height // 2 + 1, width // 2 + 1) if yuv else ()
-    numel = int(np.prod(shape))
-    total = numel + (int(np.prod(chroma_shape)) if yuv else 0)
-    tag = None
-    if device.type != "cpu":  # frames decoded on an accelerator stay there
-        flat = torch.empty(total, dtype=torch.uint8, device=device)
-    elif buffers is not None:
-        storage, tag = buffers.take(total)
-        flat = torch.empty(0, dtype=torch.uint8).set_(storage, 0, (total,))
-    elif torch.utils.data.get_worker_info() is not None:
-        flat = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(total))
-    else:
-        flat = torch.empty(total, dtype=torch.uint8)
-    out = flat[:numel].view(shape)
-    chroma = flat[numel:total].view(chroma_shape) if yuv else None
-    for i, row in enumerate(rows):
-        for j, window in enumerate(row):
-            window.write_into(out[i, j], chroma[i, j] if yuv else None)
-    if yuv:
-        return out.unsqueeze(2), chroma.transpose(2, 3), tag  # (B, V, 1, T, H, W), (B, V, 2, T, Hc, Wc)
-    return out.permute(0, 1, 5, 2, 3, 4), None, tag  # (B, V, C, T, H, W)
-
-
-def pack_tensors(batch: dict) -> dict:
-    """Move every tensor of a worker's batch except pooled video into one shared-memory buffer (`_packed`, with
-    `_layout` to cut it up again: `unpack_tensors`).
-
-    Handing a tensor to the main process costs a worker ~0.5 ms (a file descriptor sent over a socket with an
-    authentication handshake), so a batch of eight small tensors cost 4 ms, ~0.5 ms per clip at batch 8; packed,
-    it costs one hand-over (two with pooled video).
-    """
-    pooled = VIDEO_KEYS if "_buffer" in batch else ()
-    small = {k: v for k, v in batch.items() if torch.is_tensor(v) and k not in pooled}
-    if not small:
-        return batch
-    offsets, total = {}, 0
-    for key, t in small.items():
-        total = -(-total // 64) * 64  # 64-byte aligned, so every view is aligned for any dtype
-        offsets[key] = total
-        total += t.numel() * t.element_size()
-    flat = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(max(total, 1)))
-    layout = []
-    for key, t in small.items():
-        view = flat[offsets[key] : offsets[key] + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
-        view.copy_(t)
-        layout.append((key, offsets[key], t.dtype, tuple(t.shape)))
-    out = {k: v for k, v in batch.items() if k not in small}
-    out["_packed"], out["_layout"] = flat, layout
-    return out
-
-
-def unpack_tensors(batch: dict) -> dict:
-    """Inverse of `pack_tensors`: the batch's tensors as views of the one buffer (a no-op on other batches)."""
-    if "_packed" not in batch:
-        return batch
-    flat, layout = batch.pop("_packed"), batch.pop("_layout")
-    for key, offset, dtype, shape in layout:
-        nbytes = int(np.prod(shape, dtype=np.int64)) * torch.empty(0, dtype=dtype).element_size()
-        batch[key] = flat[offset : offset + nbytes].view(dtype).view(shape)
-    return batch
-
-
-class VideoBuffers:
-    """Reused uint8 buffers for collated video, so their pages are faulted in once per run, not once per batch:
-    a fresh 60 MB buffer costs as much kernel time as a third of decoding its clips on the test VM.
-
-    `pooled` (the batch leaves the collating process raw): each worker keeps `SLOTS` shared-memory buffers and
-    a flag per (worker, slot) in a shared tensor says the consumer still holds that batch; `Loader.to_device`
-    clears it (`release`) once the batch is on the device and augmented. A worker whose slots are all busy (a
-    consumer that keeps raw batches) writes into a one-off buffer instead, so nothing is ever overwritten.
-    Not pooled (the batch is augmented right after collation, in the same process): one buffer, reused at once.
-    """
-
-    SLOTS = 3  # the DataLoader's two prefetched batches per worker and the one being consumed
-
-    def __init__(self, workers: int, pooled: bool):
-        self.pooled = pooled
-        self.busy = torch.zeros(max(workers, 1), self.SLOTS, dtype=torch.int32).share_memory_()
-        self.generation = 0
-        self._storages: dict[int, torch.UntypedStorage] = {}
-
-    def restart(self) -> None:
-        """New workers are about to start: every slot is free, and the tags of older batches no longer count."""
-        self.busy.zero_()
-        self.generation += 1
-
-    def take(self, nbytes: int) -> tuple[torch.UntypedStorage, torch.Tensor | None]:
-        """A storage of at least `nbytes` and the tag that releases it (None: nothing to release)."""
-        if not self.pooled:
-            return self._slot(0, nbytes, shared=False), None
-        worker, _ = _worker_info()
-        for slot in range(self.SLOTS):
-            if self.busy[worker, slot] == 0:
-                self.busy[worker, slot] = 1
-                return self._slot(slot, nbytes, shared=True), torch.tensor([worker, slot, self.generation])
-        return torch.UntypedStorage._new_shared(nbytes), None
-
-    def release(self, tag: torch.Tensor | None) -> None:
-        if tag is not None and int(tag[2]) == self.generation:
-            self.busy[int(tag[0]), int(tag[1])] = 0
-
-    def _slot(self, slot: int, nbytes: int, shared: bool) -> torch.UntypedStorage:
-        storage = self._storages.get(slot)
-        if storage is None or storage.nbytes() < nbytes:
-            size = nbytes + nbytes // 4  # headroom: the batch's largest crop box varies
-            storage = torch.UntypedStorage._new_shared(size) if shared else torch.UntypedStorage(size)
-            self._storages[slot] = storage
-        return storage
 
 
 class EpochStream(torch.utils.data.IterableDataset):

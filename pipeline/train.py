@@ -115,13 +115,13 @@ def train(cfg: TrainConfig, *, resume: bool = False, evaluate: Evaluate | None =
     engine.train()
     try:
         if objective.selflabel is not None and int(objective.selflabel.runs_done) == 0:
-            warmup_batchnorm(engine.module, loader, batches, objective.selflabel.cfg.bn_warmup_batches)
+            warmup_batchnorm(engine.module, batches, objective.selflabel.cfg.bn_warmup_batches)
         while step < total:
             if objective.selflabel is not None and objective.selflabel.should_relabel(step, total):
                 stats = relabel_pass(engine, objective, data_cfg, rank=rank, world_size=world_size, seed=cfg.run.seed)
                 metrics_out.write(step, {f"selflabel/{k}": v for k, v in stats.items()})
             t0 = time.perf_counter()
-            batch = loader.to_device(next(batches))  # the copy and the batched augmentation count as data time
+            batch = next(batches)  # the model's input on the device: the copy and the augmentation count as data time
             t_data = time.perf_counter() - t0
             if trace is not None:
                 trace.write(json.dumps({"step": step, "idx": batch["idx"].tolist()}) + "\n")
@@ -186,10 +186,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, evaluate: Evaluate | None =
 def train_step(engine: Any, objective: Objective, batch: dict, device: torch.device) -> dict[str, float]:
     """One micro-batch: forward, objective, and (when the loss is finite on this rank) backward and step.
 
-    Returns `loss`, the unweighted `loss/<term>` values, and on optimizer steps `lr` and `grad_norm`.
+    Returns `loss`, the unweighted `loss/<term>` values, and on optimizer steps `lr` and `grad_norm`. `batch` is the
+    model's input on `device`, as the loader hands it out.
     """
-    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}
-    out = engine(batch)
+    out = engine({k: v for k, v in batch.items() if torch.is_tensor(v)})
     out = {k: v.float() for k, v in out.items()}  # losses in fp32 whatever the autocast dtype
     loss, terms = objective(out, batch)
     metrics = {"loss": float(loss.detach())}
@@ -252,13 +252,13 @@ def endless(loader: Any) -> Iterator[dict]:
 
 
 @torch.no_grad()
-def warmup_batchnorm(model: torch.nn.Module, loader: Any, batches: Iterator[dict], n: int) -> None:
+def warmup_batchnorm(model: torch.nn.Module, batches: Iterator[dict], n: int) -> None:
     """SeLaVi's BatchNorm warm-up before the first labelling: `n` training batches through the model in train
     mode, without gradients or a step, so the first labels (and the one-time audio/video cluster alignment) are
     not computed on the initial statistics (mean 0, variance 1)."""
     model.train()
     for _ in range(n):
-        batch = loader.to_device(next(batches))
+        batch = next(batches)
         model({k: v for k, v in batch.items() if torch.is_tensor(v)})
 
 
@@ -276,7 +276,7 @@ def relabel_pass(
         loader = make_train_loader(pass_cfg, rank=rank, world_size=world_size, seed=pass_seed, device=engine.device)
         video, audio, idx, has = [], [], [], []
         for batch in tqdm(loader, desc=f"relabel {g}", unit="batch", disable=rank != 0, leave=False):
-            batch = {k: v for k, v in loader.to_device(batch).items() if torch.is_tensor(v)}
+            batch = {k: v for k, v in batch.items() if torch.is_tensor(v)}
             v, a = sl.relabel_inputs(engine(batch))  # (B, H, K) log-probs each
             video.append(v[:, heads])
             audio.append(a[:, heads] if a is not None else None)

@@ -295,6 +295,20 @@ def resize_frames(frames: torch.Tensor, height: int, width: int) -> torch.Tensor
     return y.permute(0, 2, 3, 1)
 
 
+def chroma_box(top: int, left: int, height: int, width: int) -> tuple[int, int, int, int]:
+    """`(top, left, h, w)` of the 4:2:0 chroma samples covering the luma box `height` x `width` at (`top`, `left`):
+    one sample per 2 x 2 luma pixels, so a box starting on an odd row or column straddles one more. The one place
+    this geometry is written: the worker's window copy, the batch's chroma slot, the device step and
+    `center_clip` all ask here."""
+    return top // 2, left // 2, (top % 2 + height + 1) // 2, (left % 2 + width + 1) // 2
+
+
+def chroma_slot(height: int, width: int) -> tuple[int, int]:
+    """`(h, w)` of a chroma slot that holds the covering samples of any box up to `height` x `width`, at any
+    offset (`chroma_box`'s largest)."""
+    return height // 2 + 1, width // 2 + 1
+
+
 def upsample_chroma(luma: torch.Tensor, chroma: torch.Tensor, top_odd: int, left_odd: int) -> torch.Tensor:
     """A YUV 4:4:4 box `(T, 3, h, w)` uint8 from its luma `(T, h, w)` and the chroma rows and columns that cover
     it `(T, 2, ch, cw)`; each chroma sample repeated over its 2 x 2 luma pixels (as libswscale's RGB conversion
@@ -329,7 +343,7 @@ def center_clip(clip: Clip, size: int) -> torch.Tensor:
     if clip.chroma is None:
         frames = resize_frames(clip.frames[:, top : top + side, left : left + side], size, size)  # (N, S, S, 3)
         return frames[clip.order].permute(3, 0, 1, 2).contiguous()
-    ctop, cleft, ch, cw = VideoWindow(clip, top, left, side, side).chroma_box()
+    ctop, cleft, ch, cw = chroma_box(top, left, side, side)
     luma = clip.frames[:, top : top + side, left : left + side]
     yuv = upsample_chroma(luma, clip.chroma[:, :, ctop : ctop + ch, cleft : cleft + cw], top % 2, left % 2)
     yuv = resize_frames(yuv.permute(0, 2, 3, 1), size, size).permute(0, 3, 1, 2).float()  # (N, 3, S, S)
@@ -350,9 +364,8 @@ class VideoWindow:
     width: int
 
     def chroma_box(self) -> tuple[int, int, int, int]:
-        """`(top, left, h, w)` of the chroma samples covering the box (4:2:0: one per 2 x 2 luma pixels)."""
-        top, left = self.top // 2, self.left // 2
-        return top, left, (self.top % 2 + self.height + 1) // 2, (self.left % 2 + self.width + 1) // 2
+        """`(top, left, h, w)` of the chroma samples covering the box (`chroma_box`)."""
+        return chroma_box(self.top, self.left, self.height, self.width)
 
     def write_into(self, out: torch.Tensor, out_chroma: torch.Tensor | None = None) -> None:
         """Copy the window into `out (T, H, W, 3)` (RGB) or `out (T, H, W)` and `out_chroma (T, 2, Hc, Wc)` (YUV)

@@ -3,11 +3,11 @@
 A checked sample is `{"key", "video": mp4 bytes, "audio": flac/wav bytes | None, "meta": json dict, "idx",
 "label", "has_audio"}` (`pipeline.stages.CheckSample`). A row holds what a worker must produce and nothing
 more: `video`, a list of V `VideoWindow`s (the decoded frames of each view's crop box, not yet copied), and for
-training views `video_aug (V, 6)` with the parameters the batched augmentation step applies
+training views `video_aug (V, 8)` with the parameters the batched augmentation step applies
 (`pipeline.augment`); when enabled `audio (V, 1, F, Ta)` log-mels (+ `audio_aug (V, 5)`), `text (K, L)` +
 `text_mask` (eval views: every caption, `captions (K, L)` + `captions_mask`); and `idx`, `label`, `has_audio`
-as Python values. `pipeline.stages.collate_rows` turns rows into
-the batch of DESIGN.md. All randomness comes from the `rng` argument.
+as Python values. `pipeline.batch_memory.collate_rows` turns rows into a batch (training rows into the raw
+`video_box` the device step turns into the model's `video`). All randomness comes from the `rng` argument.
 """
 
 from __future__ import annotations

@@ -288,7 +288,7 @@ def test_chunk_audio_is_cut_to_its_video_or_dropped_when_short():
 
 
 def test_the_output_lock_refuses_a_second_writer_and_lets_job_array_parts_share(tmp_path):
-    from data_prep.build import output_lock
+    from pipeline.files import output_lock
 
     out = tmp_path / "new" / "ds"
     held = f"{out} is being written by another vatp process (pid {os.getpid()}): wait for it or choose another --out"

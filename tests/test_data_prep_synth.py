@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from data_prep import synth_captions
-from data_prep.synth import CLASSES, assign_splits, make_synth_corpus, plan_video, render_video
+from data_prep.synth import assign_splits, make_synth_corpus, plan_video, render_video
+from data_prep.synth_classes import CLASSES
 
 ARGS = dict(videos=8, seed=0, seconds=3.0, width=96, height=72, fps=20, sample_rate=16000)
 GEOMETRY = {k: ARGS[k] for k in ("seed", "seconds", "width", "height", "fps", "sample_rate")}

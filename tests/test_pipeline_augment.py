@@ -9,8 +9,8 @@ from models import VARIANTS
 from pipeline import audio as A
 from pipeline import augment as Aug
 from pipeline import video as V
+from pipeline.batch_memory import collate_rows
 from pipeline.data_config import AugmentConfig
-from pipeline.stages import collate_rows
 
 MEAN, STD = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
 
@@ -119,7 +119,7 @@ def test_augment_batch_consumes_the_parameters_and_leaves_eval_batches_alone():
 
     cfg = DataConfig(datasets=[DatasetSource("x")], size=8, mean=MEAN, std=STD)
     video, params = batch_of([torch.zeros(2, 10, 10, 3, dtype=torch.uint8)], [[10, 10, 0, 1, 1, 1]])
-    out = Aug.augment_batch({"video": video, "video_aug": params}, cfg)
+    out = Aug.augment_batch({"video_box": video, "video_aug": params}, cfg)
     assert set(out) == {"video"} and out["video"].shape == (1, 1, 3, 2, 8, 8)
     plain = {"video": torch.zeros(1, 1, 3, 2, 8, 8, dtype=torch.uint8)}
     assert Aug.augment_batch(dict(plain), cfg)["video"].dtype == torch.uint8

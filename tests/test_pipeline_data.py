@@ -197,8 +197,7 @@ def test_batches_are_the_same_for_0_1_2_workers_and_wherever_the_augmentation_ru
 
     def run(workers, where):
         cfg = dataclasses.replace(base, num_workers=workers, augment=AugmentConfig(where=where))
-        loader = make_train_loader(cfg, rank=0, world_size=1, seed=4)
-        return [loader.to_device(b) for b in loader]
+        return list(make_train_loader(cfg, rank=0, world_size=1, seed=4))  # the model's input
 
     reference = run(0, "device")
     assert len(reference) == 4 and reference[0]["video"].shape == (2, 4, 3, 4, 32, 32)
@@ -214,22 +213,26 @@ def test_batches_are_the_same_for_0_1_2_workers_and_wherever_the_augmentation_ru
 
 def test_loader_hands_uint8_boxes_and_parameters_until_the_device_step(tiny_dataset, tokenizer):
     cfg = make_cfg(tiny_dataset, tokenizer, views="selflabel", epoch_samples=4, augment=AugmentConfig(where="device"))
-    loader = make_train_loader(cfg, rank=0, world_size=1, seed=0)
+    loader = make_train_loader(cfg, rank=0, world_size=1, seed=0, raw=True)
     batch = next(iter(loader))
-    assert batch["video"].dtype == torch.uint8 and batch["video_aug"].shape == (2, 1, 8)
+    assert batch["video_box"].dtype == torch.uint8 and batch["video_aug"].shape == (2, 1, 8)
     assert batch["audio_aug"].shape == (2, 1, 5)
     h, w = batch["video_aug"][..., 0].max(), batch["video_aug"][..., 1].max()
-    assert batch["video"].shape[-2:] == (h, w) and h <= 64  # the largest box of the batch, stored pixels
+    assert batch["video_box"].shape[-2:] == (h, w) and h <= 64  # the largest box of the batch, stored pixels
     # Decoded by PyAV (the default for training views): luma and the chroma covering each box, 1.5 bytes a pixel.
-    assert batch["video"].shape[2] == 1 and batch["video_uv"].shape[:4] == (2, 1, 2, 4)
+    assert batch["video_box"].shape[2] == 1 and batch["video_uv"].shape[:4] == (2, 1, 2, 4)
     assert batch["video_uv"].shape[-2:] == (h // 2 + 1, w // 2 + 1)
     ready = loader.to_device(batch)
     assert ready["video"].shape == (2, 1, 3, 4, 32, 32) and set(ready) == set(batch) - {
+        "video_box",
         "video_aug",
         "audio_aug",
         "video_uv",
         "_buffer",
-    }
+    } | {"video"}
+    # Not raw: the loader hands out exactly that, the model's input.
+    plain = next(iter(make_train_loader(cfg, rank=0, world_size=1, seed=0)))
+    assert plain.keys() == ready.keys() and all(torch.equal(plain[k], ready[k]) for k in ready)
 
 
 @pytest.mark.parametrize("workers", [0, 1])
@@ -242,13 +245,13 @@ def test_video_buffers_are_reused_only_after_to_device_released_them(tiny_datase
         num_workers=workers,
         augment=AugmentConfig(where="device"),
     )
-    loader = make_train_loader(cfg, rank=0, world_size=1, seed=0)
-    held = [(b, b["video"].clone()) for b in loader]  # raw batches kept, never released
+    loader = make_train_loader(cfg, rank=0, world_size=1, seed=0, raw=True)
+    held = [(b, b["video_box"].clone()) for b in loader]  # raw batches kept, never released
     assert len(held) == 8
     assert [b["_buffer"][1].item() for b, _ in held[:3]] == [0, 1, 2] and all("_buffer" not in b for b, _ in held[3:])
-    assert all(torch.equal(b["video"], copy) for b, copy in held)  # nothing was overwritten
+    assert all(torch.equal(b["video_box"], copy) for b, copy in held)  # nothing was overwritten
     loader.close()
-    slots, fresh = [], make_train_loader(cfg, rank=0, world_size=1, seed=0)
+    slots, fresh = [], make_train_loader(cfg, rank=0, world_size=1, seed=0, raw=True)
     for batch in fresh:  # each batch released before the next is read
         slots.append(batch["_buffer"][1].item())
         fresh.to_device(batch)
@@ -366,7 +369,7 @@ def _member(shard: Path, suffix: str) -> bytes:
 
 
 def test_packed_worker_batches_unpack_to_the_same_tensors():
-    from pipeline.stages import pack_tensors, unpack_tensors
+    from pipeline.batch_memory import pack_tensors, unpack_tensors
 
     batch = {
         "video": torch.randint(0, 255, (2, 1, 3, 4, 8, 8), dtype=torch.uint8).permute(0, 1, 2, 3, 5, 4),

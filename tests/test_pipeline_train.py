@@ -232,8 +232,8 @@ def test_a_checkpoint_holding_foreign_objects_is_refused_in_one_line(dataset, tm
 
 @pytest.mark.parametrize("where", ["device", "workers"])
 def test_training_through_the_batched_augmentation_step_lowers_the_loss(dataset, tmp_path, where):
-    """The loop hands raw batches to `Loader.to_device` (where=device) or gets them augmented from the loader
-    (where=workers); either way the model fits the 8 tiny clips: the loss falls well below its start."""
+    """The loader augments each batch on the device (where=device) or its workers already did (where=workers);
+    either way the model fits the 8 tiny clips: the loss falls well below its start."""
     summary = train(
         tiny_cfg(
             dataset,

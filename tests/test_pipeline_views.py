@@ -18,8 +18,9 @@ from models.contracts import AudioInput, TextInput, VideoInput
 from pipeline import audio as A
 from pipeline import video as V
 from pipeline.augment import augment_batch
+from pipeline.batch_memory import collate_rows
 from pipeline.data_config import AugmentConfig, DataConfig, DatasetSource, TextConfig, resolve_inputs
-from pipeline.stages import CheckSample, collate_rows
+from pipeline.stages import CheckSample
 from pipeline.views import SampleRejected, gdt_starts, nearest_captions, sample_views
 
 VIDEO, AUDIO, TEXT = VideoInput(4, 32, 10.0), AudioInput(16000, 16, 0.5), TextInput(8, 100)

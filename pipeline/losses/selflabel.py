@@ -39,7 +39,8 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -49,11 +50,46 @@ from torch import nn
 from pipeline.distributed import all_gather_varlen, all_reduce_sum, global_mean, is_distributed
 from pipeline.losses.sinkhorn import assign_marginals, draw_cluster_sizes, sinkhorn
 
-if TYPE_CHECKING:
-    from pipeline.losses import SelfLabelConfig
-
 log = logging.getLogger(__name__)
 CHUNK_ROWS = 4096
+
+
+@dataclass
+class SelfLabelConfig:
+    weight: float = 1.0
+    heads: int = 1  # H heads, labelled independently
+    clusters: int = 300  # K
+    lam: float = 20.0  # SeLaVi 20 (on 0.5·(log p_v + log p_a)); SeLa 25
+    marginals: Literal["uniform", "gaussian", "zipf"] = "uniform"
+    marginal_param: float | None = None  # gaussian: sd (0.1); zipf: exponent (1.0); must be unset for uniform
+    relabels: int = 100  # number of labelling runs over training (SeLaVi nopts)
+    schedule_power: float = 1.5  # runs at total_steps · (j / relabels) ** power: denser early
+    head_groups: int = 1  # heads split into groups, each labelled from its own augmented pass (SeLaVi ind_groups)
+    bn_warmup_batches: int = 20  # training batches through the model in train mode before the first labelling
+    align_modalities: bool = True  # permute audio clusters onto video clusters at the first labelling (SeLaVi MA)
+    sk_max_iters: int = 2000
+    sk_tol: float = 0.1
+    sk_relax: float | None = None  # Sinkhorn-Knopp over-relaxation in [1, 2): 1 = SeLaVi's iterates; null = auto
+    seed: int = 0  # initial labels, marginal draws, head grouping
+
+    def __post_init__(self):
+        if self.heads < 1 or self.clusters < 2:
+            raise ValueError(f"selflabel needs heads >= 1 and clusters >= 2, got {self.heads} and {self.clusters}")
+        if not 1 <= self.head_groups <= self.heads:
+            raise ValueError(f"selflabel.head_groups must be in 1..heads={self.heads}, got {self.head_groups}")
+        if self.lam <= 0 or self.relabels < 1 or self.schedule_power <= 0:
+            raise ValueError(
+                f"selflabel lam, relabels and schedule_power must be > 0, got {self.lam}, "
+                f"{self.relabels}, {self.schedule_power}"
+            )
+        if self.bn_warmup_batches < 0:
+            raise ValueError(f"selflabel.bn_warmup_batches must be >= 0, got {self.bn_warmup_batches}")
+        if self.marginals == "uniform" and self.marginal_param is not None:
+            raise ValueError(f"selflabel.marginal_param={self.marginal_param} does nothing with uniform marginals")
+        if self.sk_relax is not None and not 1 <= self.sk_relax < 2:
+            raise ValueError(f"selflabel.sk_relax must be in [1, 2) or null, got {self.sk_relax}")
+        if self.marginal_param is not None and self.marginal_param <= 0:
+            raise ValueError(f"selflabel.marginal_param must be > 0, got {self.marginal_param}")
 
 
 class SelfLabelling(nn.Module):
